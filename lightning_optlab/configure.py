@@ -1,0 +1,277 @@
+"""One way to ask for any optimizer: ``configure(module, "lion", lr=..., ...)`` or an ``OptimizerSpec``.
+
+``configure`` returns what ``LightningModule.configure_optimizers`` returns: the optimizer and an
+LR-scheduler dict stepping once per optimizer step. Parameters are grouped by role
+(:mod:`lightning_optlab.params`): weight decay on hidden matrices and the readout only, per-role
+overrides on top, and optionally a different algorithm per role (an :class:`OptimizerMix`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .optim._validate import check_betas, check_eps, check_lr, check_weight_decay
+from .optim.mix import OptimizerMix
+from .optim.registry import canonical_name, get_optimizer_class
+from .params import classify_parameters, group_parameters, validate_role
+from .schedules import ScheduleFactor, build_scheduler
+
+__all__ = ["OptimizerSpec", "MixPart", "configure", "build_optimizer"]
+
+# Group-level keys a user may override per role; anything else must be an optimizer argument.
+_GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
+
+
+@dataclass(kw_only=True)
+class MixPart:
+    """A different algorithm for some parameter roles (the per-role optimizer mix)."""
+
+    #: registered optimizer name, e.g. "adalayer"
+    optimizer: str
+    #: roles this algorithm takes, e.g. ["readout", "norm"]
+    roles: list[str]
+    #: learning rate for these roles (default: the spec's lr)
+    lr: float | None = None
+    #: betas for these roles (default: the spec's betas, when the algorithm takes betas)
+    betas: tuple[float, float] | None = None
+    #: eps for these roles (default: the spec's eps)
+    eps: float | None = None
+    #: weight decay for these roles' decayed groups (default: the spec's)
+    weight_decay: float | None = None
+    #: other constructor arguments of this algorithm
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.optimizer = canonical_name(self.optimizer)
+        if not self.roles:
+            raise ValueError(f"mix part {self.optimizer!r} lists no roles; give e.g. roles=['readout', 'norm']")
+        for role in self.roles:
+            validate_role(role, f"mix part {self.optimizer!r}")
+        _check_common(self.lr, self.betas, self.eps, self.weight_decay)
+
+
+@dataclass(kw_only=True)
+class OptimizerSpec:
+    """Everything that defines an optimizer run; LightningCLI fills it from YAML.
+
+    Example (YAML)::
+
+        optimizer:
+          name: lion
+          lr: 3.0e-4
+          betas: [0.9, 0.99]
+          weight_decay: 0.1
+          schedule: cosine
+          warmup_steps: 200
+          total_steps: 10000
+    """
+
+    #: registered optimizer name or alias (see ``lightning_optlab.available_optimizers()``)
+    name: str = "adamw"
+    #: peak learning rate (≥ 0)
+    lr: float = 1e-3
+    #: (beta1, beta2) each in [0, 1); None keeps the optimizer's default. Signum and SGD take betas[0] as momentum.
+    betas: tuple[float, float] | None = None
+    #: epsilon (> 0); None keeps the optimizer's default
+    eps: float | None = None
+    #: decoupled weight decay on hidden matrices and the readout (≥ 0)
+    weight_decay: float = 0.0
+    #: one of constant, linear, cosine, wsd
+    schedule: str = "constant"
+    #: linear warmup steps (≥ 0)
+    warmup_steps: int = 0
+    #: total optimizer steps (needed by linear, cosine, wsd)
+    total_steps: int | None = None
+    #: final LR as a fraction of the peak (the cosine floor), in [0, 1]
+    min_lr_ratio: float = 0.0
+    #: for wsd: the fraction of total_steps spent decaying, in (0, 1]
+    decay_fraction: float = 0.1
+    #: parameter-role overrides by name: {regex: role}; first match wins
+    role_patterns: dict[str, str] = field(default_factory=dict)
+    #: per-role group settings: {role: {"lr": ..., "weight_decay": ..., ...}}
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: other roles handled by other algorithms (the per-role mix)
+    mix: list[MixPart] = field(default_factory=list)
+    #: other constructor arguments of the optimizer (e.g. {"rho": 0.04} for Sophia)
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = canonical_name(self.name)
+        _check_common(self.lr, self.betas, self.eps, self.weight_decay)
+        if self.betas is not None:
+            self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        # Schedule settings are checked now, before any training starts.
+        ScheduleFactor(self.schedule, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.decay_fraction)
+        for pattern, role in self.role_patterns.items():
+            validate_role(role, f"role_patterns[{pattern!r}]")
+        for role, settings in self.overrides.items():
+            validate_role(role, "overrides")
+            if not isinstance(settings, Mapping):
+                raise ValueError(f"overrides[{role!r}] must be a mapping such as {{'lr': 1e-3}}, got {settings!r}")
+            unknown = set(settings) - set(_GROUP_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"overrides[{role!r}] has unknown keys {sorted(unknown)}; allowed: {', '.join(_GROUP_KEYS)}. "
+                    "To run another algorithm on a role use `mix`."
+                )
+            _check_common(settings.get("lr"), settings.get("betas"), settings.get("eps"), settings.get("weight_decay"))
+        self.mix = [p if isinstance(p, MixPart) else MixPart(**p) for p in self.mix]
+        claimed: dict[str, str] = {}
+        for part in self.mix:
+            for role in part.roles:
+                if role in claimed:
+                    raise ValueError(
+                        f"role {role!r} is given two algorithms ({claimed[role]!r} and {part.optimizer!r}); "
+                        "list each role in at most one mix part"
+                    )
+                claimed[role] = part.optimizer
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_common(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    if lr is not None:
+        check_lr(lr)
+    if betas is not None:
+        check_betas(betas)
+    if eps is not None:
+        check_eps(eps)
+    if weight_decay is not None:
+        check_weight_decay(weight_decay)
+
+
+def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor kwargs for ``cls``, mapping betas to momentum for momentum-only methods."""
+    params = inspect.signature(cls.__init__).parameters
+    accepts_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, Any] = {"lr": lr}
+    if betas is not None:
+        if "betas" in params:
+            kwargs["betas"] = tuple(betas)
+        elif "momentum" in params:
+            kwargs["momentum"] = betas[0]
+        else:
+            raise ValueError(f"optimizer {name!r} takes no betas; remove betas from its spec")
+    if eps is not None:
+        if "eps" not in params:
+            raise ValueError(f"optimizer {name!r} takes no eps; remove eps from its spec")
+        kwargs["eps"] = eps
+    kwargs.update(hparams)
+    if not accepts_var:
+        allowed = [k for k in params if k not in ("self", "params")]
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise ValueError(f"optimizer {name!r} got unknown arguments {unknown}; it accepts: {', '.join(allowed)}")
+    return kwargs
+
+
+def _model_of(module_or_model: Any) -> nn.Module:
+    if isinstance(module_or_model, nn.Module):
+        return module_or_model
+    raise TypeError(f"configure needs an nn.Module or LightningModule, got {type(module_or_model).__name__}")
+
+
+def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The optimizer (an :class:`OptimizerMix` when ``spec.mix`` is set) for ``spec``."""
+    model = _model_of(module_or_model)
+    roles = classify_parameters(model, spec.role_patterns)
+    mixed_roles = {role: part for part in spec.mix for role in part.roles}
+    for role in mixed_roles:
+        if role not in roles.values():
+            raise ValueError(
+                f"mix part {mixed_roles[role].optimizer!r} lists role {role!r}, but the model has no {role} parameters; "
+                f"its roles are: {', '.join(sorted(set(roles.values())))}"
+            )
+    groups = group_parameters(model, spec.weight_decay, roles=roles, role_overrides=spec.overrides)
+    main_groups = [g for g in groups if g["role"] not in mixed_roles]
+    children, names = [], []
+    if main_groups:
+        cls = get_optimizer_class(spec.name)
+        kwargs = _constructor_kwargs(cls, spec.name, spec.lr, spec.betas, spec.eps, spec.hparams)
+        children.append(cls(_with_group_momentum(main_groups, kwargs), **kwargs))
+        names.append(spec.name)
+    for part in spec.mix:
+        part_groups = [g for g in groups if g["role"] in part.roles]
+        if part.weight_decay is not None:
+            for g in part_groups:
+                if g["role"] not in spec.overrides or "weight_decay" not in spec.overrides[g["role"]]:
+                    g["weight_decay"] = part.weight_decay if g["weight_decay"] > 0 else 0.0
+        cls = get_optimizer_class(part.optimizer)
+        betas = part.betas if part.betas is not None else (spec.betas if "betas" in inspect.signature(cls.__init__).parameters else None)
+        eps = part.eps if part.eps is not None else (spec.eps if "eps" in inspect.signature(cls.__init__).parameters else None)
+        kwargs = _constructor_kwargs(cls, part.optimizer, part.lr if part.lr is not None else spec.lr, betas, eps, part.hparams)
+        children.append(cls(_with_group_momentum(part_groups, kwargs), **kwargs))
+        names.append(part.optimizer)
+    if len(children) == 1:
+        return children[0]
+    return OptimizerMix(children, names=names)
+
+
+def _with_group_momentum(groups: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    # A per-role "betas" override on a momentum-only method means its momentum.
+    out = []
+    for g in groups:
+        g = dict(g)
+        if "betas" in g and "betas" not in kwargs and "momentum" in kwargs:
+            g["momentum"] = g.pop("betas")[0]
+        out.append(g)
+    return out
+
+
+def configure(module_or_model: nn.Module, name: str | OptimizerSpec = "adamw", **hparams: Any) -> dict[str, Any]:
+    """What ``configure_optimizers`` returns: ``{"optimizer": ..., "lr_scheduler": {...}}``.
+
+    Args:
+        module_or_model: the LightningModule (or any ``nn.Module``) whose parameters to optimize.
+        name: an optimizer name (``"lion"``, ``"soap"``, ...) or a full :class:`OptimizerSpec`.
+        **hparams: :class:`OptimizerSpec` fields (lr, betas, eps, weight_decay, schedule, warmup_steps,
+            total_steps, min_lr_ratio, decay_fraction, role_patterns, overrides, mix); any other keyword is
+            passed to the optimizer's constructor (e.g. ``momentum=0.98`` for SGD, ``rho=0.04`` for Sophia).
+
+    Example:
+        >>> def configure_optimizers(self):
+        ...     return configure(self, "lion", lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1,
+        ...                      schedule="cosine", warmup_steps=200, total_steps=10_000)
+    """
+    if isinstance(name, OptimizerSpec):
+        if hparams:
+            raise ValueError(f"pass either an OptimizerSpec or keyword arguments, not both (got {sorted(hparams)})")
+        spec = name
+    else:
+        spec_fields = set(OptimizerSpec.__dataclass_fields__)
+        extra = {k: v for k, v in hparams.items() if k not in spec_fields}
+        given = {k: v for k, v in hparams.items() if k in spec_fields}
+        if extra:
+            given["hparams"] = {**given.get("hparams", {}), **extra}
+        spec = OptimizerSpec(name=name, **given)
+    optimizer = build_optimizer(module_or_model, spec)
+    scheduler = build_scheduler(
+        optimizer,
+        spec.schedule,
+        warmup_steps=spec.warmup_steps,
+        total_steps=spec.total_steps,
+        min_lr_ratio=spec.min_lr_ratio,
+        decay_fraction=spec.decay_fraction,
+    )
+    _attach_mode_switch(module_or_model, optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+
+
+def _attach_mode_switch(module: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Schedule-Free optimizers need train/eval switching around validation and checkpoints: when
+    ``configure`` is called from a LightningModule attached to a Trainer, add the callback."""
+    children = getattr(optimizer, "children", [optimizer])
+    if not any(any("train_mode" in g for g in c.param_groups) for c in children):
+        return
+    if getattr(module, "_trainer", None) is None:
+        return
+    from .callbacks.schedule_free import attach_schedule_free_switch  # Lightning only when needed
+
+    attach_schedule_free_switch(module)
+

@@ -1,0 +1,33 @@
+"""Optimizers in plain PyTorch (no Lightning import anywhere under this package)."""
+
+from .adafactor import Adafactor
+from .adalayer import Adalayer
+from .adam_mini import AdamMini
+from .builtin import SGD, Adagrad, AdamW
+from .health import HealthMixin, torch_optimizer_health
+from .mix import OptimizerMix
+from .registry import available_optimizers, canonical_name, get_optimizer_class
+from .schedule_free import ScheduleFreeAdamW
+from .sign import Lion, Signum
+from .sophia import Sophia, sophia_gnb_estimate, sophia_hutchinson_estimate
+
+__all__ = [
+    "SGD",
+    "AdamW",
+    "Adagrad",
+    "Adafactor",
+    "Adalayer",
+    "AdamMini",
+    "Lion",
+    "Signum",
+    "Sophia",
+    "sophia_gnb_estimate",
+    "sophia_hutchinson_estimate",
+    "ScheduleFreeAdamW",
+    "OptimizerMix",
+    "HealthMixin",
+    "torch_optimizer_health",
+    "available_optimizers",
+    "canonical_name",
+    "get_optimizer_class",
+]
