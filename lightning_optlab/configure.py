@@ -146,10 +146,24 @@ def _check_common(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
         check_weight_decay(weight_decay)
 
 
+def _init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Constructor parameters of ``cls``, following ``**kwargs`` into the base classes."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        sig = inspect.signature(klass.__init__).parameters
+        for k, v in sig.items():
+            if v.kind is not inspect.Parameter.VAR_KEYWORD:
+                params.setdefault(k, v)
+        if not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in sig.values()):
+            return params
+    return params
+
+
 def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, hparams: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor kwargs for ``cls``, mapping betas to momentum for momentum-only methods."""
-    params = inspect.signature(cls.__init__).parameters
-    accepts_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params = _init_parameters(cls)
     kwargs: dict[str, Any] = {"lr": lr}
     if betas is not None:
         if "betas" in params:
@@ -163,11 +177,10 @@ def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, h
             raise ValueError(f"optimizer {name!r} takes no eps; remove eps from its spec")
         kwargs["eps"] = eps
     kwargs.update(hparams)
-    if not accepts_var:
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
         allowed = [k for k in params if k not in ("self", "params")]
-        unknown = [k for k in kwargs if k not in params]
-        if unknown:
-            raise ValueError(f"optimizer {name!r} got unknown arguments {unknown}; it accepts: {', '.join(allowed)}")
+        raise ValueError(f"optimizer {name!r} got unknown arguments {unknown}; it accepts: {', '.join(allowed)}")
     return kwargs
 
 
@@ -203,8 +216,8 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
                 if g["role"] not in spec.overrides or "weight_decay" not in spec.overrides[g["role"]]:
                     g["weight_decay"] = part.weight_decay if g["weight_decay"] > 0 else 0.0
         cls = get_optimizer_class(part.optimizer)
-        betas = part.betas if part.betas is not None else (spec.betas if "betas" in inspect.signature(cls.__init__).parameters else None)
-        eps = part.eps if part.eps is not None else (spec.eps if "eps" in inspect.signature(cls.__init__).parameters else None)
+        betas = part.betas if part.betas is not None else (spec.betas if "betas" in _init_parameters(cls) else None)
+        eps = part.eps if part.eps is not None else (spec.eps if "eps" in _init_parameters(cls) else None)
         kwargs = _constructor_kwargs(cls, part.optimizer, part.lr if part.lr is not None else spec.lr, betas, eps, part.hparams)
         children.append(cls(_with_group_momentum(part_groups, kwargs), **kwargs))
         names.append(part.optimizer)

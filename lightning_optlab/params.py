@@ -6,7 +6,7 @@ Every parameter of an ``nn.Module`` gets one role:
   like ``wte``/``wpe``/``embed_tokens``/``pos_emb``); a readout weight tied to an embedding is
   the same tensor and keeps the role ``embedding``;
 * ``readout`` — the layer that produces the logits: a module the model names as such
-  (``optlab_readout`` attribute, mup's ``MuReadout``, a module named ``lm_head``/``readout``/
+  (an ``optlab_readout = "<submodule name>"`` attribute on any module, mup's ``MuReadout``, a module named ``lm_head``/``readout``/
   ``output``/``head``/``unembed``), else the last ``nn.Linear`` registered in the module tree;
 * ``norm`` — weights and biases of normalization layers (any module whose class name contains
   ``Norm``: LayerNorm, RMSNorm, GroupNorm, BatchNorm, ...);
@@ -53,11 +53,11 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _readout_module_name(model: nn.Module) -> str | None:
     """The qualified name of the module producing the logits, or None."""
-    explicit = getattr(model, "optlab_readout", None)
-    if isinstance(explicit, str):
-        return explicit
     last_linear = None
     for name, module in model.named_modules():
+        explicit = getattr(module, "optlab_readout", None)  # a model may name its readout module
+        if isinstance(explicit, str):
+            return f"{name}.{explicit}" if name else explicit
         if type(module).__name__ == "MuReadout":
             return name
         if isinstance(module, nn.Linear):

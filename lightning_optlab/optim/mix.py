@@ -136,10 +136,17 @@ class OptimizerMix(torch.optim.Optimizer):
         self.param_groups = [g for c in self.children for g in c.param_groups]
 
     def health(self) -> dict[str, float]:
-        """The children's health statistics, merged (parameter names are unique across children)."""
+        """The children's health statistics, merged.
+
+        Parameter names (``param_names`` in the groups, as the configurator sets) are unique across
+        children; unnamed parameters are prefixed with their child's label to keep them apart.
+        """
         out: dict[str, float] = {}
-        for child in self.children:
-            out.update(child.health() if hasattr(child, "health") else torch_optimizer_health(child))
+        for name, child in zip(self.child_names, self.children):
+            stats = child.health() if hasattr(child, "health") else torch_optimizer_health(child)
+            if not all("param_names" in g for g in child.param_groups):
+                stats = {f"{name}:{k}": v for k, v in stats.items()}
+            out.update(stats)
         return out
 
     def __repr__(self) -> str:

@@ -1,0 +1,110 @@
+import pytest
+import torch
+import yaml
+
+from lightning_optlab import MixPart, OptimizerSpec, configure
+from lightning_optlab.optim import Adalayer, Lion, OptimizerMix, SGD
+
+
+def test_configure_returns_optimizer_and_step_scheduler(tiny_lm):
+    out = configure(tiny_lm, "lion", lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1,
+                    schedule="cosine", warmup_steps=2, total_steps=10)
+    opt, sched = out["optimizer"], out["lr_scheduler"]
+    assert isinstance(opt, Lion)
+    assert sched["interval"] == "step" and sched["frequency"] == 1
+    assert isinstance(sched["scheduler"], torch.optim.lr_scheduler.LambdaLR)
+    decay = {g["role"]: g["weight_decay"] for g in opt.param_groups}
+    assert decay == {"embedding": 0.0, "hidden": 0.1, "readout": 0.1, "norm": 0.0, "bias": 0.0}
+    assert all(g["betas"] == (0.9, 0.99) for g in opt.param_groups)
+    # warmup: first step at 1/3 of the peak
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 / 3)
+
+
+def test_extra_keywords_reach_the_constructor(tiny_lm):
+    opt = configure(tiny_lm, "sgd", lr=0.1, momentum=0.98, nesterov=True)["optimizer"]
+    assert isinstance(opt, SGD) and opt.param_groups[0]["momentum"] == 0.98 and opt.param_groups[0]["nesterov"]
+
+
+def test_betas_map_to_momentum_for_momentum_methods(tiny_lm):
+    opt = configure(tiny_lm, "sgd", lr=0.1, betas=(0.98, 0.0))["optimizer"]
+    assert opt.param_groups[0]["momentum"] == 0.98
+
+
+def test_per_role_overrides(tiny_lm):
+    opt = configure(tiny_lm, "adamw", lr=1e-3, weight_decay=0.1,
+                    overrides={"readout": {"lr": 1e-2}, "embedding": {"weight_decay": 0.05}})["optimizer"]
+    groups = {g["role"]: g for g in opt.param_groups}
+    assert groups["readout"]["initial_lr"] == 1e-2 and groups["hidden"]["initial_lr"] == 1e-3
+    assert groups["embedding"]["weight_decay"] == 0.05
+
+
+def test_role_patterns_reach_grouping(tiny_lm):
+    opt = configure(tiny_lm, "adamw", lr=1e-3, role_patterns={r"^wpe$": "hidden"})["optimizer"]
+    hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
+    assert "wpe" in hidden["param_names"]
+
+
+def test_mix_builds_one_optimizer_with_one_state_dict(tiny_lm, lm_batch):
+    out = configure(tiny_lm, "sgd", lr=0.1, momentum=0.98,
+                    mix=[{"optimizer": "adalayer", "roles": ["readout", "norm"], "lr": 3e-3}])
+    opt = out["optimizer"]
+    assert isinstance(opt, OptimizerMix) and isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt.children[0], SGD) and isinstance(opt.children[1], Adalayer)
+    assert {g["role"] for g in opt.children[1].param_groups} == {"readout", "norm"}
+    tiny_lm.loss(lm_batch).backward()
+    opt.step()
+    out["lr_scheduler"]["scheduler"].step()
+    sd = opt.state_dict()
+    assert len(sd["state"]) == len(list(tiny_lm.parameters()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="adamq"), "unknown optimizer 'adamq'; known optimizers: .*adamw.*lion"),
+        (dict(name="adamw", lr=-1.0), "lr must be ≥ 0, got -1.0"),
+        (dict(name="adamw", betas=(0.9, 1.0)), r"betas\[1\] must be in \[0, 1\), got 1.0"),
+        (dict(name="adamw", eps=0.0), "eps must be > 0, got 0.0"),
+        (dict(name="adamw", weight_decay=-0.1), "weight_decay must be ≥ 0, got -0.1"),
+        (dict(name="adamw", schedule="cosine"), "needs total_steps"),
+        (dict(name="adamw", overrides={"readouts": {"lr": 1.0}}), "unknown parameter role 'readouts'"),
+        (dict(name="adamw", overrides={"readout": {"optimizer": "sgd"}}), "unknown keys \\['optimizer'\\].*use `mix`"),
+        (dict(name="sgd", mix=[MixPart(optimizer="adalayer", roles=["readout"]),
+                               MixPart(optimizer="lion", roles=["readout", "norm"])]),
+         "role 'readout' is given two algorithms \\('adalayer' and 'lion'\\)"),
+    ],
+)
+def test_bad_specs_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerSpec(**kwargs)
+
+
+def test_unknown_constructor_argument_names_the_accepted_ones(tiny_lm):
+    with pytest.raises(ValueError, match="optimizer 'lion' got unknown arguments \\['momentum'\\]; it accepts: lr, betas"):
+        configure(tiny_lm, "lion", lr=1e-4, momentum=0.9)
+    with pytest.raises(ValueError, match="optimizer 'sgd' takes no eps"):
+        configure(tiny_lm, "sgd", lr=1e-4, eps=1e-8)
+
+
+def test_mix_role_absent_from_model_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="lists role 'norm', but the model has no norm parameters"):
+        configure(model, "sgd", lr=0.1, mix=[{"optimizer": "adalayer", "roles": ["norm"]}])
+
+
+def test_spec_from_yaml_through_jsonargparse(tiny_lm):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(OptimizerSpec, "optimizer")
+    cfg = parser.parse_string(yaml.safe_dump({"optimizer": {
+        "name": "sgd", "lr": 0.1, "betas": [0.98, 0.0], "weight_decay": 0.1, "schedule": "wsd",
+        "warmup_steps": 5, "total_steps": 100, "overrides": {"norm": {"lr": 0.01}},
+        "mix": [{"optimizer": "adalayer", "roles": ["readout"], "lr": 0.003}],
+    }}))
+    spec = parser.instantiate_classes(cfg).optimizer
+    assert isinstance(spec, OptimizerSpec) and isinstance(spec.mix[0], MixPart)
+    opt = configure(tiny_lm, spec)["optimizer"]
+    assert isinstance(opt, OptimizerMix)
+    with pytest.raises(Exception, match="lr must be ≥ 0|lr"):
+        parser.instantiate_classes(parser.parse_string("optimizer: {name: sgd, lr: -1.0}"))
