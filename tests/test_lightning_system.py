@@ -42,23 +42,19 @@ def _trainer(tmp_path, **kw):
 
 @pytest.mark.parametrize("label", sorted(SPECS))
 def test_trains_and_resumes_bitwise(label, tmp_path):
-    spec = SPECS[label]
-    straight = _module(spec)
-    _trainer(tmp_path / "a", max_steps=8, enable_checkpointing=False).fit(straight, _data())
+    """A run resumed from its own mid-run checkpoint ends bit-identical to the uninterrupted run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    first = _module(spec)
-    t1 = _trainer(tmp_path / "b", max_epochs=1, enable_checkpointing=False)
-    t1.fit(first, _data())
-    ckpt = tmp_path / "half.ckpt"
-    t1.save_checkpoint(ckpt)
+    spec = SPECS[label]
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    straight = _module(spec)
+    _trainer(tmp_path / "a", max_steps=8, callbacks=[ckpt_cb]).fit(straight, _data())
 
     resumed = _module(spec)
-    _trainer(tmp_path / "c", max_steps=8, enable_checkpointing=False).fit(resumed, _data(), ckpt_path=ckpt)
+    trainer = _trainer(tmp_path / "c", max_steps=8, enable_checkpointing=False)
+    trainer.fit(resumed, _data(), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert trainer.global_step == 8
 
-    opt_a = straight.optimizers().optimizer
-    if hasattr(opt_a, "eval") and any("train_mode" in g for g in opt_a.param_groups):
-        for m in (straight, resumed):
-            m.optimizers().optimizer.eval()
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), f"{label}: {name} differs after resume by {(a - b).abs().max():.3e}"
     moved = any(not torch.equal(a, b) for a, b in zip(straight.parameters(), _module(spec).parameters()))
@@ -78,5 +74,5 @@ def test_training_lowers_validation_loss(tmp_path):
 def test_scheduler_steps_per_optimizer_step(tmp_path):
     module = _module(dict(name="adamw", lr=1.0, schedule="linear", warmup_steps=0, total_steps=4, min_lr_ratio=0.0))
     _trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, _data())
-    lrs = {g["lr"] for g in module.optimizers().optimizer.param_groups}
-    assert lrs == {pytest.approx(0.5)}
+    lrs = [g["lr"] for g in module.optimizers().optimizer.param_groups]
+    assert lrs == pytest.approx([0.5] * len(lrs))

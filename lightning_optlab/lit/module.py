@@ -22,15 +22,17 @@ class CausalLMModule(L.LightningModule):
         model: an ``nn.Module`` mapping ``(B, T)`` token ids to ``(B, T, V)`` logits; if it has a
             ``loss(logits, targets)`` method (z-loss, ...) that is used for training.
         optimizer: the :class:`OptimizerSpec` (name, lr, betas, schedule, per-role overrides, mix).
+        sophia_seed: seed of the label sampling of Sophia-G's estimator (offset by the step).
 
     Sophia's Gauss-Newton-Bartlett estimator is run from the training step's own logits every
     ``update_period`` steps (a no-op for every other optimizer).
     """
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerSpec | None = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: OptimizerSpec | None = None, sophia_seed: int = 0) -> None:
         super().__init__()
         self.model = model
         self.spec = optimizer or OptimizerSpec()
+        self.sophia_seed = sophia_seed
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -44,7 +46,10 @@ class CausalLMModule(L.LightningModule):
         x, y = batch[:, :-1], batch[:, 1:]
         logits = self(x)
         loss = self._loss(logits, y, train=True)
-        sophia_gnb_estimate(self.optimizers(), logits)
+        # The sampled labels come from a generator seeded by the step, so a resumed run draws
+        # exactly what the uninterrupted run drew (the global RNG is not checkpointed).
+        gen = torch.Generator(device=logits.device).manual_seed(self.sophia_seed + self.global_step)
+        sophia_gnb_estimate(self.optimizers(), logits, generator=gen)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

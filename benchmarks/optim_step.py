@@ -1,0 +1,197 @@
+"""Step time and state memory of every registered optimizer, as ratios to torch AdamW.
+
+Times ``optimizer.step()`` on a GPT-like parameter set (token embedding, ``--layers`` blocks of
+attention and MLP matrices with biases and LayerNorms, final norm, readout) with fixed random
+gradients. Optimizers are timed in interleaved rounds against the AdamW baseline (foreach on CPU,
+fused on CUDA unless ``--baseline``), so machine noise hits both alike; the table gives the median
+ratio over rounds and the optimizer-state bytes per parameter.
+
+Sophia's step is timed like the others; its Gauss-Newton-Bartlett estimator (an extra backward
+every ``update_period`` steps) is timed separately on a small GPT and reported per estimate and
+amortized, relative to the model's forward+backward.
+
+    python benchmarks/optim_step.py                    # CPU, d=256, 4 layers
+    python benchmarks/optim_step.py --device cuda --width 768 --layers 12 --vocab 50304
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from lightning_optlab import OptimizerSpec, build_optimizer
+from lightning_optlab.optim import available_optimizers
+from lightning_optlab.optim.registry import canonical_name
+
+# Hyperparameters per benchmark row (learning rates are irrelevant to timing).
+ROWS: dict[str, dict] = {
+    "adamw": dict(name="adamw", lr=1e-3, weight_decay=0.1),
+    "sgd": dict(name="sgd", lr=1e-2, betas=(0.98, 0.0)),
+    "adagrad": dict(name="adagrad", lr=1e-2),
+    "adafactor": dict(name="adafactor", lr=1e-3, weight_decay=0.1),
+    "lion": dict(name="lion", lr=1e-4, weight_decay=0.1),
+    "signum": dict(name="signum", lr=1e-4, weight_decay=0.1),
+    "adalayer": dict(name="adalayer", lr=1e-3, weight_decay=0.1),
+    "sophia": dict(name="sophia", lr=1e-4, weight_decay=0.1),
+    "adam_mini": dict(name="adam_mini", lr=1e-3, weight_decay=0.1),
+    "schedule_free_adamw": dict(name="schedule_free_adamw", lr=1e-3, weight_decay=0.1),
+}
+
+#: the issue's bars (ratio to AdamW), where one is set
+BARS = {"lion": 0.8, "signum": 0.8, "adalayer": 1.0, "adafactor": 1.2, "adam_mini": 1.1, "sophia": 1.3}
+
+
+class ParamSet(torch.nn.Module):
+    """The parameters of a GPT-2-style model (names as the reference model uses them)."""
+
+    def __init__(self, vocab: int, width: int, layers: int) -> None:
+        super().__init__()
+        d = width
+        self.wte = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(layers):
+            blk = torch.nn.Module()
+            blk.ln_1, blk.ln_2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            blk.attn = torch.nn.Module()
+            blk.attn.c_attn, blk.attn.c_proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            blk.c_fc, blk.c_proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+            self.blocks.append(blk)
+        self.ln_f = torch.nn.LayerNorm(d)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for key, val in state.items():
+            if torch.is_tensor(val) and key != "step" and val.numel() > 1:
+                total += val.numel() * val.element_size()
+    return total
+
+
+def _make(label: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    row = dict(ROWS[label])
+    hparams = dict(row.pop("hparams", {}))
+    if label == "adamw":
+        hparams["fused" if args.device.startswith("cuda") and args.baseline == "fused" else "foreach"] = True
+    if label == "adam_mini":
+        hparams["n_heads"] = args.heads
+    return build_optimizer(model, OptimizerSpec(**row, hparams=hparams))
+
+
+def _time_steps(opt: torch.optim.Optimizer, device: torch.device, n: int) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        opt.step()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def _estimator_cost(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+    """Seconds of one forward+backward of a small GPT, and of one Sophia-G estimate on top."""
+    from lightning_optlab.models import GPT, GPTConfig
+    from lightning_optlab.optim import sophia_gnb_estimate
+
+    model = GPT(GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                          n_embd=args.width)).to(device)
+    opt = build_optimizer(model, OptimizerSpec(name="sophia", lr=1e-4, hparams={"update_period": 1}))
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+
+    def fwd_bwd(estimate: bool) -> None:
+        logits = model(x[:, :-1])
+        loss = model.loss(logits, x[:, 1:])
+        if estimate:
+            sophia_gnb_estimate(opt, logits)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        fwd_bwd(True)
+    plain, with_est = [], []
+    for _ in range(args.rounds):
+        for flag, bucket in ((False, plain), (True, with_est)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fwd_bwd(flag)
+            _sync(device)
+            bucket.append(time.perf_counter() - t0)
+    return statistics.median(plain), statistics.median(with_est) - statistics.median(plain)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=128, help="sequence length for the estimator timing")
+    p.add_argument("--batch", type=int, default=8, help="batch size for the estimator timing")
+    p.add_argument("--steps", type=int, default=10, help="steps per timing round")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median is reported)")
+    p.add_argument("--baseline", choices=["foreach", "fused"], default="fused")
+    p.add_argument("--optimizers", default="", help="comma-separated subset (default: all registered)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    labels = [canonical_name(o) for o in args.optimizers.split(",") if o] or available_optimizers()
+    missing = [n for n in available_optimizers() if n not in ROWS]
+    if missing:
+        print(f"warning: no benchmark row for {missing}", file=sys.stderr)
+    labels = [lab for lab in labels if lab in ROWS]
+    if "adamw" not in labels:
+        labels.insert(0, "adamw")
+
+    model = ParamSet(args.vocab, args.width, args.layers).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator(device="cpu").manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g).mul_(1e-3).to(device) for p in model.parameters()]
+    opts = {}
+    for lab in labels:
+        opts[lab] = _make(lab, model, args)
+    for p, gr in zip(model.parameters(), grads):
+        p.grad = gr
+    initial = [p.detach().clone() for p in model.parameters()]
+    for opt in opts.values():  # warm-up: allocate state, compile kernels
+        for _ in range(3):
+            opt.step()
+    times: dict[str, list[float]] = {lab: [] for lab in labels}
+    for _ in range(args.rounds):
+        for lab in labels:
+            times[lab].append(_time_steps(opts[lab], device, args.steps))
+            with torch.no_grad():  # keep parameters from drifting far between optimizers
+                for p, p0 in zip(model.parameters(), initial):
+                    p.copy_(p0)
+    base = statistics.median(times["adamw"])
+    baseline_name = "fused" if device.type == "cuda" and args.baseline == "fused" else "foreach"
+    print(f"device={device} params={n_params:,} width={args.width} layers={args.layers} vocab={args.vocab} "
+          f"torch={torch.__version__}; baseline torch AdamW ({baseline_name}) = {base * 1e3:.3f} ms/step")
+    print(f"{'optimizer':<22}{'ms/step':>10}{'ratio':>8}{'bar':>6}{'ok':>5}{'state B/param':>15}")
+    for lab in labels:
+        med = statistics.median([t / b for t, b in zip(times[lab], times["adamw"])])
+        bar = BARS.get(lab)
+        ok = "" if bar is None else ("yes" if med <= bar else "NO")
+        bar_s = f"{bar:.1f}" if bar else "-"
+        print(f"{lab:<22}{statistics.median(times[lab]) * 1e3:>10.3f}{med:>8.2f}{bar_s:>6}{ok:>5}"
+              f"{_state_bytes(opts[lab]) / n_params:>15.3f}")
+    if "sophia" in labels:
+        fb, est = _estimator_cost(args, device)
+        period = ROWS["sophia"].get("hparams", {}).get("update_period", 10)
+        print(f"\nSophia-G estimator on the same-size GPT ({args.batch}x{args.seq} tokens): forward+backward "
+              f"{fb * 1e3:.2f} ms; one estimate adds {est * 1e3:.2f} ms ({est / fb:.2f}x), "
+              f"amortized over update_period={period}: {est / period * 1e3:.2f} ms/step ({est / fb / period:.3f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
