@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small GPT on an embedded corpus with several optimizers and report")
-    demo.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
+    demo.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--seq-len", type=int, default=64)
     demo.add_argument("--optimizers", default="", help="comma-separated demo runs (default: all)")

@@ -25,14 +25,14 @@ __all__ = ["DemoConfig", "DEFAULT_RUNS", "embedded_corpus", "run_demo"]
 #: (label, OptimizerSpec keyword arguments): learning rates picked for this tiny model
 DEFAULT_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("adamw", dict(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("sgd", dict(name="sgd", lr=0.3, betas=(0.98, 0.0), weight_decay=0.0)),
+    ("sgd", dict(name="sgd", lr=0.1, betas=(0.98, 0.0), weight_decay=0.0)),
     ("adafactor", dict(name="adafactor", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("lion", dict(name="lion", lr=3e-4, betas=(0.9, 0.99), weight_decay=1.0)),
-    ("signum", dict(name="signum", lr=3e-4, betas=(0.95, 0.0), weight_decay=1.0)),
+    ("lion", dict(name="lion", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.3)),
+    ("signum", dict(name="signum", lr=1e-3, betas=(0.95, 0.0), weight_decay=0.3)),
     ("adalayer", dict(name="adalayer", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("sgd+adalayer(readout,norm)", dict(name="sgd", lr=0.3, betas=(0.98, 0.0),
+    ("sgd+adalayer(readout+norm)", dict(name="sgd", lr=0.1, betas=(0.98, 0.0),
                                         mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3, betas=(0.9, 0.95))])),
-    ("sophia", dict(name="sophia", lr=3e-4, betas=(0.965, 0.99), weight_decay=0.1)),
+    ("sophia", dict(name="sophia", lr=1e-3, betas=(0.965, 0.99), weight_decay=0.1)),
     ("adam_mini", dict(name="adam_mini", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, hparams={"n_heads": 4})),
     ("schedule_free_adamw", dict(name="schedule_free_adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, schedule="constant")),
 ]
@@ -43,7 +43,7 @@ class DemoConfig:
     """Settings of the demo run."""
 
     #: optimizer steps per run
-    steps: int = 200
+    steps: int = 300
     #: sequences per batch
     batch_size: int = 16
     #: tokens per sequence
@@ -182,8 +182,12 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
-    ranked = sorted(results.items(), key=lambda kv: kv[1]["final_val_loss"])
-    best = ranked[0][1]["final_val_loss"]
+    def final(kv: tuple[str, Any]) -> float:
+        loss = kv[1]["final_val_loss"]
+        return loss if math.isfinite(loss) else math.inf  # diverged runs rank last
+
+    ranked = sorted(results.items(), key=final)
+    best = final(ranked[0])
     lines = [
         "# lightning_optlab demo report",
         "",
@@ -195,6 +199,9 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, r in ranked:
+        if not math.isfinite(r["final_val_loss"]):
+            lines.append(f"| {label} | {r['spec']['lr']:g} | diverged | - | - | {r['seconds']:.1f} |")
+            continue
         lines.append(
             f"| {label} | {r['spec']['lr']:g} | {r['final_val_loss']:.4f} | {r['final_val_bpb']:.3f} | "
             f"{r['final_val_loss'] - best:+.4f} | {r['seconds']:.1f} |"
