@@ -18,7 +18,7 @@ from torch import nn
 from .optim._validate import check_betas, check_eps, check_lr, check_weight_decay
 from .optim.mix import OptimizerMix
 from .optim.registry import canonical_name, get_optimizer_class
-from .params import classify_parameters, group_parameters, validate_role
+from .params import DECAYED_ROLES, classify_parameters, group_parameters, validate_role
 from .schedules import ScheduleFactor, build_scheduler
 
 __all__ = ["OptimizerSpec", "MixPart", "configure", "build_optimizer"]
@@ -79,7 +79,8 @@ class OptimizerSpec:
     betas: tuple[float, float] | None = None
     #: epsilon (> 0); None keeps the optimizer's default
     eps: float | None = None
-    #: decoupled weight decay on hidden matrices and the readout (≥ 0)
+    #: weight decay on hidden matrices and the readout (≥ 0); decoupled for AdamW and the pack's
+    #: optimizers, added to the gradient (L2) by torch's SGD and Adagrad, as torch defines them
     weight_decay: float = 0.0
     #: one of constant, linear, cosine, wsd
     schedule: str = "constant"
@@ -120,6 +121,11 @@ class OptimizerSpec:
                     "To run another algorithm on a role use `mix`."
                 )
             _check_common(settings.get("lr"), settings.get("betas"), settings.get("eps"), settings.get("weight_decay"))
+        if self.name == "schedule_free_adamw" and self.schedule != "constant":
+            raise ValueError(
+                f"schedule_free_adamw replaces the LR schedule; got schedule={self.schedule!r}. "
+                "Use schedule='constant' (warmup_steps is still applied)"
+            )
         self.mix = [p if isinstance(p, MixPart) else MixPart(**p) for p in self.mix]
         claimed: dict[str, str] = {}
         for part in self.mix:
@@ -212,12 +218,17 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
     for part in spec.mix:
         part_groups = [g for g in groups if g["role"] in part.roles]
         if part.weight_decay is not None:
-            for g in part_groups:
-                if g["role"] not in spec.overrides or "weight_decay" not in spec.overrides[g["role"]]:
-                    g["weight_decay"] = part.weight_decay if g["weight_decay"] > 0 else 0.0
+            for g in part_groups:  # the part's decay goes where decay goes by default, unless overridden
+                if "weight_decay" not in spec.overrides.get(g["role"], {}):
+                    g["weight_decay"] = part.weight_decay if g["role"] in DECAYED_ROLES else 0.0
         cls = get_optimizer_class(part.optimizer)
-        betas = part.betas if part.betas is not None else (spec.betas if "betas" in _init_parameters(cls) else None)
-        eps = part.eps if part.eps is not None else (spec.eps if "eps" in _init_parameters(cls) else None)
+        # betas / eps are inherited only between algorithms that both take them in the same sense
+        # (an SGD spec's betas[0] is its momentum and must not become an Adam part's betas).
+        main_params = _init_parameters(get_optimizer_class(spec.name))
+        part_params = _init_parameters(cls)
+        inherit_betas = "betas" in main_params and "betas" in part_params
+        betas = part.betas if part.betas is not None else (spec.betas if inherit_betas else None)
+        eps = part.eps if part.eps is not None else (spec.eps if "eps" in main_params and "eps" in part_params else None)
         kwargs = _constructor_kwargs(cls, part.optimizer, part.lr if part.lr is not None else spec.lr, betas, eps, part.hparams)
         children.append(cls(_with_group_momentum(part_groups, kwargs), **kwargs))
         names.append(part.optimizer)

@@ -7,7 +7,7 @@ Every parameter of an ``nn.Module`` gets one role:
   the same tensor and keeps the role ``embedding``;
 * ``readout`` — the layer that produces the logits: a module the model names as such
   (an ``optlab_readout = "<submodule name>"`` attribute on any module, mup's ``MuReadout``, a module named ``lm_head``/``readout``/
-  ``output``/``head``/``unembed``), else the last ``nn.Linear`` registered in the module tree;
+  ``output``/``output_layer``/``head``/``unembed``/``classifier``), else the last ``nn.Linear`` registered in the module tree;
 * ``norm`` — weights and biases of normalization layers (any module whose class name contains
   ``Norm``: LayerNorm, RMSNorm, GroupNorm, BatchNorm, ...);
 * ``bias`` — other bias vectors and any other 0-/1-D parameter;

@@ -108,3 +108,35 @@ def test_spec_from_yaml_through_jsonargparse(tiny_lm):
     assert isinstance(opt, OptimizerMix)
     with pytest.raises(Exception, match="lr must be ≥ 0|lr"):
         parser.instantiate_classes(parser.parse_string("optimizer: {name: sgd, lr: -1.0}"))
+
+
+def test_mix_part_weight_decay_applies_to_its_decayed_roles_even_without_spec_decay(tiny_lm):
+    opt = configure(tiny_lm, "sgd", lr=0.1, momentum=0.9,
+                    mix=[{"optimizer": "adalayer", "roles": ["readout", "norm"], "weight_decay": 0.1}])["optimizer"]
+    ada = {g["role"]: g["weight_decay"] for g in opt.children[1].param_groups}
+    assert ada == {"readout": 0.1, "norm": 0.0}
+
+
+def test_mix_part_does_not_inherit_momentum_spelled_as_betas(tiny_lm):
+    opt = configure(tiny_lm, "sgd", lr=0.1, betas=(0.98, 0.0),
+                    mix=[{"optimizer": "adalayer", "roles": ["readout"]}])["optimizer"]
+    assert opt.children[0].param_groups[0]["momentum"] == 0.98
+    assert opt.children[1].param_groups[0]["betas"] == (0.9, 0.95)  # Adalayer's own default
+    opt = configure(tiny_lm, "adamw", lr=1e-3, betas=(0.8, 0.9),
+                    mix=[{"optimizer": "adalayer", "roles": ["readout"]}])["optimizer"]
+    assert opt.children[1].param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_schedule_free_rejects_a_schedule():
+    with pytest.raises(ValueError, match="schedule_free_adamw replaces the LR schedule; got schedule='cosine'"):
+        OptimizerSpec(name="schedule_free_adamw", schedule="cosine", total_steps=10)
+
+
+def test_sgd_without_momentum_reports_health(tiny_lm, lm_batch):
+    opt = configure(tiny_lm, "sgd", lr=0.1)["optimizer"]
+    tiny_lm.loss(lm_batch).backward()
+    opt.step()
+    h = opt.health()
+    assert h["lm_head.weight/eff_lr_q50"] == pytest.approx(0.1)
+    g = tiny_lm.lm_head.weight.grad
+    assert h["lm_head.weight/update_rms"] == pytest.approx((0.1 * g).pow(2).mean().sqrt().item(), rel=1e-5)

@@ -80,7 +80,7 @@ class AdamMini(BlockAdamBase):
     Example:
         >>> opt = AdamMini(model.named_parameters(), lr=3e-4, n_heads=12)  # doctest: +SKIP
 
-    Paper: Zhang, Chen, Li, Ding, Chen, Kingma, Ye, Luo, Sun, "Adam-mini: Use Fewer Learning Rates
+    Paper: Zhang, Chen, Li, Ding, Wu, Kingma, Ye, Luo, Sun, "Adam-mini: Use Fewer Learning Rates
     To Gain More", ICLR 2025 (arXiv 2406.16793).
     """
 

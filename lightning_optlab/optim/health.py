@@ -127,8 +127,10 @@ def torch_optimizer_health(optimizer: torch.optim.Optimizer) -> dict[str, float]
     with torch.no_grad():
         for name, p, group in named_params(optimizer):
             state = optimizer.state.get(p)
-            if not state:
+            # torch's SGD without momentum keeps no state: its step is lr·grad
+            if not state and not (isinstance(optimizer, torch.optim.SGD) and p.grad is not None):
                 continue
+            state = state or {}
             lr = float(group["lr"])
             stats: dict[str, float]
             if "exp_avg_sq" in state:  # Adam / AdamW
@@ -145,7 +147,13 @@ def torch_optimizer_health(optimizer: torch.optim.Optimizer) -> dict[str, float]
                 stats = diagonal_stats(p, clr, sqrt_sum, group["eps"], grad)
             else:  # SGD: the effective learning rate is lr on every coordinate
                 buf = state.get("momentum_buffer")
-                direction = buf if buf is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                if buf is None:
+                    direction = grad
+                elif group.get("nesterov"):
+                    direction = grad + group["momentum"] * buf  # the direction torch stepped along
+                else:
+                    direction = buf
                 stats = {f"eff_lr_{k}": lr for k, _ in QUANTILES}
                 stats["eps_frac"] = 0.0
                 stats.update(update_stats(p, lr * direction))
