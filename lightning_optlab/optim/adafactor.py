@@ -83,6 +83,8 @@ def factored_denominators(
     Built per stack of same-shaped matrices as ε2 + a bᵀ·sqrt(m / (1−β2^t)) with
     a = sqrt(r) / ‖sqrt(r)‖ (so that a_i² = r_i / (m·mean(r))) and b = sqrt(c), in one kernel.
     """
+    if not rows:
+        return []
     out: list[Optional[Tensor]] = [None] * len(rows)
     roots = torch._foreach_sqrt(rows + cols)
     row_roots, col_roots = roots[: len(rows)], roots[len(rows) :]

@@ -316,3 +316,17 @@ def test_sparse_gradients_are_rejected():
     p.grad = torch.randn(4, 3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def test_a_group_of_vectors_only_steps():
+    """A param group holding no matrix (e.g. the norms' group) has no factored state to build."""
+    import torch as _torch
+
+    from lightning_optlab.optim import Adafactor as _Adafactor
+
+    vec, mat = _torch.nn.Parameter(_torch.randn(5)), _torch.nn.Parameter(_torch.randn(3, 4))
+    opt = _Adafactor([{"params": [vec]}, {"params": [mat]}], lr=0.1)
+    vec.grad, mat.grad = _torch.randn(5), _torch.randn(3, 4)
+    before = vec.detach().clone()
+    opt.step()
+    assert not _torch.equal(before, vec) and _torch.isfinite(vec).all()
