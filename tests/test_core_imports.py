@@ -12,7 +12,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import lightning_optlab
 import lightning_optlab.optim, lightning_optlab.params, lightning_optlab.schedules, lightning_optlab.configure
-import lightning_optlab.models
+import lightning_optlab.models, lightning_optlab.data
 from lightning_optlab import configure, available_optimizers
 import torch
 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
