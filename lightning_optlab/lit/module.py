@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
 
 from ..configure import OptimizerSpec, configure
 from ..optim.sophia import sophia_gnb_estimate
@@ -16,25 +18,55 @@ __all__ = ["CausalLMModule"]
 
 
 class CausalLMModule(L.LightningModule):
-    """Trains ``model`` (token ids → logits) on batches of token ids ``(B, T + 1)``.
+    """Trains a language model on batches of token ids ``(B, T + 1)``.
 
     Args:
-        model: an ``nn.Module`` mapping ``(B, T)`` token ids to ``(B, T, V)`` logits; if it has a
-            ``loss(logits, targets)`` method (z-loss, ...) that is used for training.
+        model: an ``nn.Module`` mapping ``(B, T)`` token ids to ``(B, T, V)`` logits, or a model
+            preset name / config / mapping for :func:`lightning_optlab.models.build_model`, built in
+            ``configure_model`` with the datamodule's ``vocab_size`` when it has one. If the model
+            has ``loss(logits, targets)`` (z-loss, ...) that is the training loss.
         optimizer: the :class:`OptimizerSpec` (name, lr, betas, schedule, per-role overrides, mix).
         sophia_seed: seed of the label sampling of Sophia-G's estimator (offset by the step).
 
-    Sophia's Gauss-Newton-Bartlett estimator is run from the training step's own logits every
-    ``update_period`` steps (a no-op for every other optimizer).
+    Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
+    (token-weighted, through torchmetrics). Sophia's Gauss-Newton-Bartlett estimator runs from the
+    training step's own logits every ``update_period`` steps (a no-op for every other optimizer).
     """
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerSpec | None = None, sophia_seed: int = 0) -> None:
+    def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
+                 sophia_seed: int = 0) -> None:
         super().__init__()
-        self.model = model
+        if isinstance(model, nn.Module):
+            self.model: nn.Module | None = model
+            self._model_spec = None
+        else:
+            self.model = None
+            self._model_spec = model
+            self.save_hyperparameters({"model": model if isinstance(model, (str, Mapping)) else repr(model)})
         self.spec = optimizer or OptimizerSpec()
         self.sophia_seed = sophia_seed
+        self.tokens_seen = 0
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from ..models import build_model
+
+        overrides = {}
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is None and datamodule is not None and hasattr(datamodule, "setup"):
+            datamodule.setup("fit")
+            vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None:
+            overrides["vocab_size"] = vocab
+        self.model = build_model(self._model_spec, **overrides)
 
     def forward(self, idx: Tensor) -> Tensor:
+        if self.model is None:
+            raise RuntimeError("the model is built in configure_model; call it (or fit) before forward")
         return self.model(idx)
 
     def _loss(self, logits: Tensor, targets: Tensor, train: bool) -> Tensor:
@@ -50,14 +82,32 @@ class CausalLMModule(L.LightningModule):
         # exactly what the uninterrupted run drew (the global RNG is not checkpointed).
         gen = torch.Generator(device=logits.device).manual_seed(self.sophia_seed + self.global_step)
         sophia_gnb_estimate(self.optimizers(), logits, generator=gen)
+        self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric states in this loop's grad mode: states left by a `trainer.validate` under
+        # inference mode cannot be updated by a later validation under no_grad.
+        self.val_loss.reset()
+        self.val_ppl.reset()
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
-        loss = self._loss(self(x), y, train=False)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        logits = self(x)
+        loss = self._loss(logits, y, train=False)
+        self.val_loss.update(loss, weight=y.numel())
+        self.val_ppl.update(logits.float(), y)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
         return loss
 
     def configure_optimizers(self) -> Any:
         return configure(self, self.spec)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["optlab_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("optlab_tokens_seen", 0))
