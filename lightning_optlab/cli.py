@@ -15,11 +15,12 @@ def _parser() -> argparse.ArgumentParser:
         description=f"lightning_optlab: train language models with modern optimizers. Optimizers: {names}.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small GPT on an embedded corpus with several optimizers and report")
+    demo = sub.add_parser("demo", help="train a tiny LLaMA on an embedded corpus with several optimizers and report")
     demo.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--seq-len", type=int, default=64)
-    demo.add_argument("--optimizers", default="", help="comma-separated demo runs (default: all)")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--seq-len", type=int, default=128)
+    demo.add_argument("--preset", default="llama-tiny", help="model preset (default llama-tiny)")
+    demo.add_argument("--optimizers", default="", help="comma-separated demo runs (default: a selection of 6-8)")
     demo.add_argument("--out", default="optlab_runs/demo", help="output folder (default optlab_runs/demo)")
     sub.add_parser("optimizers", help="list the registered optimizers and their aliases")
     return parser
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = DemoConfig(
-            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, preset=args.preset,
             optimizers=[o for o in args.optimizers.split(",") if o], out_dir=args.out,
-            warmup_steps=min(20, max(0, args.steps // 10)),
+            warmup_steps=min(20, max(0, args.steps // 10)), val_every=max(1, min(25, args.steps // 4)),
         )
     except ValueError as err:
         print(f"optlab demo: {err}", file=sys.stderr)

@@ -1,41 +1,57 @@
-"""The end-to-end demo: a small GPT trained on an embedded corpus with several optimizers.
+"""The end-to-end demo: a tiny LLaMA-style model trained on an embedded corpus with several optimizers.
 
 The corpus is the English reference documentation that ships inside CPython
-(``pydoc_data.topics``: ~80 documents, ~460k characters of natural-language text), so nothing
-is downloaded. Text is tokenized as UTF-8 bytes. Every optimizer trains the same model from the
-same initialization on the same batches with a cosine schedule; the report compares final
-validation loss (in bits per byte) and wall-clock, and plots the loss curves.
+(``pydoc_data.topics``: ~80 documents, ~460k characters), so nothing is downloaded. It is
+written out as SlimPajama-format shards (``.jsonl.zst``) and read back through the same
+reader, tokenizer (a byte-level BPE trained on it) and packing that real SlimPajama uses.
+Every optimizer trains the same model from the same initialization on the same token stream;
+the report compares final validation loss, tokens/s and the optimizer's share of step time, and
+plots validation loss against steps and against wall-clock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+from .data.corpus import embedded_corpus
+from .optim.registry import available_optimizers
 
 __all__ = ["DemoConfig", "DEFAULT_RUNS", "embedded_corpus", "run_demo"]
 
-#: (label, OptimizerSpec keyword arguments): learning rates picked for this tiny model
+# (label, OptimizerSpec keyword arguments); learning rates picked for this tiny model. Runs whose
+# optimizer is not registered in this installation are left out.
 DEFAULT_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("adamw", dict(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("sgd", dict(name="sgd", lr=0.1, betas=(0.98, 0.0), weight_decay=0.0)),
-    ("adafactor", dict(name="adafactor", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
     ("lion", dict(name="lion", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.3)),
     ("signum", dict(name="signum", lr=1e-3, betas=(0.95, 0.0), weight_decay=0.3)),
+    ("adafactor", dict(name="adafactor", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
     ("adalayer", dict(name="adalayer", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("sgd+adalayer(readout+norm)", dict(name="sgd", lr=0.1, betas=(0.98, 0.0),
-                                        mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3, betas=(0.9, 0.95))])),
+    ("sgd+adalayer(readout+norm)", dict(name="sgd", lr=0.1, hparams={"momentum": 0.98},
+                                        mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3)])),
     ("sophia", dict(name="sophia", lr=1e-3, betas=(0.965, 0.99), weight_decay=0.1)),
     ("adam_mini", dict(name="adam_mini", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, hparams={"n_heads": 4})),
-    ("schedule_free_adamw", dict(name="schedule_free_adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, schedule="constant")),
+    ("soap", dict(name="soap", lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01)),
+    ("shampoo", dict(name="shampoo", lr=3e-3, weight_decay=0.0)),
+    ("muon+adamw", dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"],
+                                                       lr=3e-3, betas=(0.9, 0.95))])),
+    ("schedule_free_adamw", dict(name="schedule_free_adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                 schedule="constant")),
 ]
+
+
+def available_runs() -> list[str]:
+    """Labels of the default runs whose optimizers (and mixed-in optimizers) are registered."""
+    known = set(available_optimizers())
+    out = []
+    for label, kw in DEFAULT_RUNS:
+        names = {kw["name"], *(part["optimizer"] for part in kw.get("mix", []))}
+        if names <= known:
+            out.append(label)
+    return out
 
 
 @dataclass(kw_only=True)
@@ -45,120 +61,111 @@ class DemoConfig:
     #: optimizer steps per run
     steps: int = 300
     #: sequences per batch
-    batch_size: int = 16
+    batch_size: int = 8
     #: tokens per sequence
-    seq_len: int = 64
-    #: model width / depth / heads
-    n_embd: int = 64
-    n_layer: int = 2
-    n_head: int = 4
+    seq_len: int = 128
+    #: model preset (see lightning_optlab.models.available_presets())
+    preset: str = "llama-tiny"
+    #: BPE vocabulary size trained on the corpus
+    vocab_size: int = 1024
     #: warmup steps of the cosine schedule
     warmup_steps: int = 20
-    #: labels of DEFAULT_RUNS to run (all when empty)
+    #: validate every this many steps
+    val_every: int = 25
+    #: labels of DEFAULT_RUNS to run (default: adamw, lion, signum, adalayer, soap / sophia ...)
     optimizers: list[str] = field(default_factory=list)
-    #: output folder for the report, plot and logs
+    #: output folder for the report, plots, TensorBoard logs and the data shards
     out_dir: str = "optlab_runs/demo"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "n_embd", "n_layer", "n_head"):
+        for name in ("steps", "batch_size", "seq_len", "vocab_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        known = [label for label, _ in DEFAULT_RUNS]
+        known = available_runs()
         unknown = [o for o in self.optimizers if o not in known]
         if unknown:
             raise ValueError(f"unknown demo run(s) {unknown}; choose from: {', '.join(known)}")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        from .models import available_presets
+
+        if self.preset not in available_presets():
+            raise ValueError(f"unknown preset {self.preset!r}; choose from: {', '.join(available_presets())}")
 
 
-def embedded_corpus() -> list[tuple[str, str]]:
-    """``(title, text)`` documents of CPython's bundled reference documentation."""
-    from pydoc_data.topics import topics
-
-    return sorted(topics.items())
-
-
-def _split(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> tuple[bytes, bytes]:
-    train, val = [], []
-    for title, text in docs:
-        h = int(hashlib.sha1(title.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (val if h < val_fraction else train).append(text.encode("utf-8") + b"\n\n")
-    return b"".join(train), b"".join(val)
-
-
-class _Windows(Dataset):
-    """Fixed windows of ``seq_len + 1`` byte tokens, drawn at seeded random offsets."""
-
-    def __init__(self, data: bytes, seq_len: int, n: int, seed: int) -> None:
-        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-        g = torch.Generator().manual_seed(seed)
-        self.starts = torch.randint(0, len(self.data) - seq_len - 1, (n,), generator=g)
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        s = int(self.starts[i])
-        return self.data[s : s + self.seq_len + 1]
+def _default_selection() -> list[str]:
+    wanted = ["adamw", "lion", "signum", "adalayer", "sgd+adalayer(readout+norm)", "sophia", "soap", "muon+adamw"]
+    known = available_runs()
+    return [w for w in wanted if w in known]
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Train every selected optimizer, write ``report.md``, ``report.json`` and ``loss_curves.png``."""
+    """Train every selected optimizer; write ``report.md``, ``report.json`` and ``loss_curves.png``."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
 
+    from .callbacks.wallclock import WallClock
     from .configure import OptimizerSpec
-    from .lit import CausalLMModule
-    from .models import GPT, GPTConfig
+    from .data.corpus import write_embedded_shards
+    from .lit import CausalLMModule, LMDataModule
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_bytes, val_bytes = _split(embedded_corpus())
-    train_ds = _Windows(train_bytes, cfg.seq_len, cfg.steps * cfg.batch_size, cfg.seed)
-    val_ds = _Windows(val_bytes, cfg.seq_len, 8 * cfg.batch_size, cfg.seed + 1)
-    print(f"corpus: {len(train_bytes):,} train bytes, {len(val_bytes):,} validation bytes (CPython's pydoc topics)")
+    shards = write_embedded_shards(out / "slimpajama_format")
+    print(f"embedded corpus (CPython's reference docs) written as {len(shards)} SlimPajama-format shards "
+          f"in {shards[0].parent}")
 
-    class Recorder(Callback):
-        def __init__(self) -> None:
-            self.train: list[float] = []
-            self.val: list[tuple[int, float]] = []
+    def datamodule() -> LMDataModule:
+        return LMDataModule(data=str(out / "slimpajama_format"), tokenizer="bpe", vocab_size=cfg.vocab_size,
+                            seq_len=cfg.seq_len, batch_size=cfg.batch_size, val_batches=4, seed=cfg.seed,
+                            work_dir=str(out / "data_cache"))
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            self.train.append(float(outputs["loss"]))
+    class Curves(Callback):
+        """Validation loss against step and against training wall-clock (from WallClock)."""
+
+        def __init__(self, clock: WallClock) -> None:
+            self.clock = clock
+            self.val: list[tuple[int, float, float]] = []
 
         def on_validation_epoch_end(self, trainer, pl_module):  # noqa: ANN001
-            if not trainer.sanity_checking:
-                self.val.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+            fitting = trainer.state.fn == "fit"  # not the final trainer.validate
+            if fitting and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+                self.val.append((trainer.global_step, self.clock.summary["train_seconds"],
+                                 float(trainer.callback_metrics["val/loss"])))
 
-    runs = [(lab, kw) for lab, kw in DEFAULT_RUNS if not cfg.optimizers or lab in cfg.optimizers]
+    labels = cfg.optimizers or _default_selection()
+    runs = [(lab, kw) for lab, kw in DEFAULT_RUNS if lab in labels]
     results: dict[str, Any] = {}
-    for label, kwargs in runs:
+    for i, (label, kwargs) in enumerate(runs):
         kwargs = {"schedule": "cosine", "warmup_steps": cfg.warmup_steps, "total_steps": cfg.steps,
                   "min_lr_ratio": 0.1, **kwargs}
         if kwargs["schedule"] == "constant":
             kwargs.pop("total_steps"), kwargs.pop("min_lr_ratio")
         spec = OptimizerSpec(**kwargs)
         L.seed_everything(cfg.seed, verbose=False)
-        model = GPT(GPTConfig(vocab_size=256, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd))
-        module = CausalLMModule(model, spec)
-        rec = Recorder()
+        module = CausalLMModule({"preset": cfg.preset, "block_size": cfg.seq_len}, spec)
+        clock = WallClock(verbose=False)
+        curves = Curves(clock)
         trainer = L.Trainer(
-            max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_model_summary=False, callbacks=[rec], val_check_interval=max(1, cfg.steps // 4),
+            max_steps=cfg.steps, accelerator="cpu", devices=1, enable_checkpointing=False,
+            logger=TensorBoardLogger(out / "tensorboard", name=label.replace("+", "_"), version=""),
+            enable_model_summary=False, callbacks=[clock, curves], val_check_interval=cfg.val_every,
             check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=True,
+            log_every_n_steps=10,
         )
-        print(f"\n=== {label} ===")
-        t0 = time.perf_counter()
-        trainer.fit(module, DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=False),
-                    DataLoader(val_ds, batch_size=cfg.batch_size))
-        seconds = time.perf_counter() - t0
-        final = rec.val[-1][1] if rec.val else float("nan")
+        print(f"\n=== [{i + 1}/{len(runs)}] {label} ===")
+        dm = datamodule()
+        trainer.fit(module, datamodule=dm)
+        metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        s = clock.summary
         results[label] = {
-            "spec": spec.to_dict(), "final_val_loss": final, "final_val_bpb": final / math.log(2),
-            "seconds": seconds, "train_loss": rec.train, "val_loss": rec.val,
+            "spec": spec.to_dict(), "final_val_loss": metrics["val/loss"], "final_val_ppl": metrics["val/ppl"],
+            "tokens_per_sec": s["tokens_per_sec"], "optimizer_share": s["optimizer_share"],
+            "optimizer_ms_per_step": 1e3 * s["optimizer_seconds"] / max(1, s["steps"]),
+            "train_seconds": s["train_seconds"], "steps": s["steps"], "tokens": s["tokens"],
+            "val_curve": curves.val, "params": sum(p.numel() for p in module.parameters()),
         }
     _write_report(cfg, results, out)
     return results
@@ -170,14 +177,19 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for label, r in results.items():
-        ax1.plot(r["train_loss"], label=label, lw=1)
-        if r["val_loss"]:
-            ax2.plot(*zip(*r["val_loss"]), marker="o", label=label)
-    ax1.set(xlabel="optimizer step", ylabel="train loss (nats/byte)", title="training loss")
-    ax2.set(xlabel="optimizer step", ylabel="validation loss (nats/byte)", title="validation loss")
-    ax1.legend(fontsize=7)
+        if r["val_curve"]:
+            steps, secs, losses = zip(*r["val_curve"])
+            ax1.plot(steps, losses, marker="o", ms=3, label=label)
+            ax2.plot(secs, losses, marker="o", ms=3, label=label)
+    ax1.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="validation loss vs steps")
+    ax2.set(xlabel="training wall-clock (s, validation excluded)", title="validation loss vs wall-clock")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{cfg.preset} on CPython's docs (SlimPajama-format shards), {cfg.steps} steps of "
+                 f"{cfg.batch_size}x{cfg.seq_len} tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
@@ -187,27 +199,33 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
         return loss if math.isfinite(loss) else math.inf  # diverged runs rank last
 
     ranked = sorted(results.items(), key=final)
-    best = final(ranked[0])
+    best = final(ranked[0]) if ranked else math.nan
+    n_params = next(iter(results.values()))["params"] if results else 0
     lines = [
         "# lightning_optlab demo report",
         "",
-        f"GPT-2-style model, {cfg.n_layer} layers x {cfg.n_embd} wide, byte-level, {cfg.steps} steps of "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens on CPython's bundled documentation; cosine schedule "
-        f"({cfg.warmup_steps} warmup steps), same initialization and batches for every optimizer.",
+        f"LLaMA-style `{cfg.preset}` ({n_params:,} parameters), byte-level BPE ({cfg.vocab_size} tokens), "
+        f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens on CPython's reference documentation "
+        f"read as SlimPajama-format shards; cosine schedule ({cfg.warmup_steps} warmup steps); the same "
+        "initialization and token stream for every optimizer. CPU timings.",
         "",
-        "| optimizer | lr | final val loss | bits/byte | vs best | wall-clock (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| optimizer | lr | final val loss | val ppl | vs best | tokens/s | optimizer ms/step | optimizer share | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in ranked:
         if not math.isfinite(r["final_val_loss"]):
-            lines.append(f"| {label} | {r['spec']['lr']:g} | diverged | - | - | {r['seconds']:.1f} |")
+            lines.append(f"| {label} | {r['spec']['lr']:g} | diverged | - | - | {r['tokens_per_sec']:,.0f} | "
+                         f"{r['optimizer_ms_per_step']:.2f} | {100 * r['optimizer_share']:.1f} % | {r['train_seconds']:.1f} |")
             continue
         lines.append(
-            f"| {label} | {r['spec']['lr']:g} | {r['final_val_loss']:.4f} | {r['final_val_bpb']:.3f} | "
-            f"{r['final_val_loss'] - best:+.4f} | {r['seconds']:.1f} |"
+            f"| {label} | {r['spec']['lr']:g} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.1f} | "
+            f"{r['final_val_loss'] - best:+.4f} | {r['tokens_per_sec']:,.0f} | {r['optimizer_ms_per_step']:.2f} | "
+            f"{100 * r['optimizer_share']:.1f} % | {r['train_seconds']:.1f} |"
         )
-    lines += ["", "![loss curves](loss_curves.png)", ""]
+    lines += ["", "![validation loss](loss_curves.png)", "",
+              f"TensorBoard: `tensorboard --logdir {out / 'tensorboard'}`", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
-    print("\n" + "\n".join(lines[:-3]))
-    print(f"\nreport: {out / 'report.md'}   plot: {out / 'loss_curves.png'}")
+    print("\n" + "\n".join(lines[:-5]))
+    print(f"\nreport: {out / 'report.md'}   plot: {out / 'loss_curves.png'}   "
+          f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")

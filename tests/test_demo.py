@@ -16,13 +16,19 @@ def test_embedded_corpus_is_natural_language_text():
 
 def test_demo_writes_a_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "8", "--optimizers", "adamw,sgd+adalayer(readout+norm)", "--out", str(out)]) == 0
+    assert main(["demo", "--steps", "8", "--seq-len", "32", "--batch-size", "4", "--optimizers",
+                 "adamw,sgd+adalayer(readout+norm)", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "| adamw |" in report and "sgd+adalayer(readout+norm)" in report
+    assert "| adamw |" in report and "sgd+adalayer(readout+norm)" in report and "optimizer share" in report
     assert (out / "loss_curves.png").stat().st_size > 1000
+    assert list((out / "slimpajama_format" / "train" / "chunk1").glob("*.jsonl.zst"))
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     results = json.loads((out / "report.json").read_text())
-    assert len(results["adamw"]["train_loss"]) == 8
-    assert results["adamw"]["final_val_loss"] < 5.6  # below the uniform-bytes loss ln(256) = 5.55
+    r = results["adamw"]
+    assert r["steps"] == 8 and r["tokens"] == 8 * 4 * 32
+    assert [step for step, _, _ in r["val_curve"]] == [2, 4, 6, 8]
+    assert 0 < r["optimizer_share"] < 1 and r["tokens_per_sec"] > 0
+    assert r["final_val_loss"] < 6.94  # below the uniform loss over the 1024-token vocabulary, ln(1024)
 
 
 def test_demo_rejects_unknown_runs_before_training(capsys):

@@ -1,5 +1,14 @@
 """Lightning callbacks (this package may import Lightning; ``optim/`` never does)."""
 
 from .schedule_free import ScheduleFreeModeSwitch, attach_schedule_free_switch
+from .stability import LossSpikeDetector, StabilityMonitor
+from .wallclock import WallClock, format_summary
 
-__all__ = ["ScheduleFreeModeSwitch", "attach_schedule_free_switch"]
+__all__ = [
+    "ScheduleFreeModeSwitch",
+    "attach_schedule_free_switch",
+    "WallClock",
+    "format_summary",
+    "StabilityMonitor",
+    "LossSpikeDetector",
+]

@@ -1,0 +1,201 @@
+"""Step time with all of the pack's callbacks at their default settings vs none, on the demo model.
+
+The demo's GPT (2 layers x 64 wide, byte vocabulary, 16 x 64 tokens a step, AdamW) trains on
+random tokens through Lightning on the CPU. The two arms ("none" and "all") alternate in
+``--rounds`` rounds in one process, so machine noise hits both alike. A timing callback placed
+first in both arms records the start of every batch; a step's time runs from its batch start to
+the next one (hooks, logging and data loading included). Both arms log to the same kind of
+logger (TensorBoard by default, as Lightning does).
+
+Reported, as medians over rounds of the per-round ratio all / none:
+
+* ``mean step``: total time of the timed steps (the first ``--warmup`` excluded) over their
+  number — what a run pays, statistics steps included; the bar is ≤ 1.01;
+* ``median step``: the per-step overhead of the hooks alone (statistics steps are rare);
+* the cost on the steps where a callback computes statistics (PreconditionerHealth's and
+  StabilityMonitor's), as their time over the median step of the "none" arm at the same round;
+* the end-of-fit work (summary table, plot), as seconds per fit.
+
+    python benchmarks/callback_overhead.py                 # 3 rounds of 300 steps
+    python benchmarks/callback_overhead.py --rounds 5 --steps 500 --logger none
+    python benchmarks/callback_overhead.py --each          # also each callback alone
+    python benchmarks/callback_overhead.py --only WallClock,StabilityMonitor
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+
+BAR = 1.01
+
+
+#: (module, class) of every callback of the pack
+PACK = (
+    ("lightning_optlab.callbacks.wallclock", "WallClock"),
+    ("lightning_optlab.callbacks.stability", "StabilityMonitor"),
+    ("lightning_optlab.callbacks.health", "PreconditionerHealth"),
+    ("lightning_optlab.callbacks.nonfinite", "NonFiniteGuard"),
+    ("lightning_optlab.callbacks.schedule_free", "ScheduleFreeModeSwitch"),
+)
+
+
+def pack_callbacks(names: frozenset[str] | None = None) -> tuple[list[Any], list[str]]:
+    """The pack's callbacks (those in ``names``, default all) at their defaults, and notes on
+    the ones that are missing."""
+    found: list[Any] = []
+    notes: list[str] = []
+    for module, name in PACK:
+        if names is not None and name not in names:
+            continue
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            notes.append(f"{name} skipped: not importable ({err})")
+            continue
+        try:
+            found.append(cls())
+        except (TypeError, ValueError) as err:
+            notes.append(f"{name} skipped: no default construction ({err})")
+    return found, notes
+
+
+def _stat_steps(callbacks: list[Any], steps: int) -> dict[str, set[int]]:
+    """Step indices (0-based) on which each callback computes its statistics."""
+    out: dict[str, set[int]] = {}
+    for cb in callbacks:
+        n = getattr(cb, "every_n_steps", None)
+        name = type(cb).__name__
+        if name == "StabilityMonitor":
+            out[name] = {i for i in range(steps) if i % n == 0}
+        elif name == "PreconditionerHealth":  # after steps N, 2N, ... (and the last one)
+            out[name] = {i for i in range(steps) if (i + 1) % n == 0}
+    return out
+
+
+def run_arm(names: frozenset[str], args: argparse.Namespace, root: str) -> tuple[list[float], float, list[Any]]:
+    """Per-step seconds and whole-fit seconds of one training run with the callbacks ``names``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from lightning_optlab.configure import OptimizerSpec
+    from lightning_optlab.lit import CausalLMModule
+    from lightning_optlab.models import GPT, GPTConfig
+
+    starts: list[float] = []
+
+    class StepTimer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            starts.append(time.perf_counter())
+
+    L.seed_everything(0, verbose=False)
+    model = GPT(GPTConfig(vocab_size=256, block_size=args.seq_len, n_layer=2, n_head=4, n_embd=64))
+    module = CausalLMModule(model, OptimizerSpec(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (args.steps * args.batch_size, args.seq_len + 1), generator=g)
+    extra, _ = pack_callbacks(names) if names else ([], [])
+    for cb in extra:
+        if hasattr(cb, "verbose"):
+            cb.verbose = False  # the summary table is printed by this script instead
+    logger: Any = {"tensorboard": TensorBoardLogger(root, name="tb"), "csv": CSVLogger(root, name="csv"),
+                   "none": False}[args.logger]
+    trainer = L.Trainer(
+        max_steps=args.steps, accelerator="cpu", devices=1, logger=logger, callbacks=[StepTimer(), *extra],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, log_every_n_steps=50,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, DataLoader(data, batch_size=args.batch_size))
+    fit_seconds = time.perf_counter() - t0
+    return [b - a for a, b in zip(starts, starts[1:])], fit_seconds, extra
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--logger", choices=["tensorboard", "csv", "none"], default="tensorboard")
+    p.add_argument("--only", default="", help="comma-separated callback classes for the 'all' arm")
+    p.add_argument("--each", action="store_true", help="also time every callback alone")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    callbacks, notes = pack_callbacks(frozenset(args.only.split(",")) if args.only else None)
+    all_names = frozenset(type(cb).__name__ for cb in callbacks)
+    arms = [frozenset(), all_names] + ([frozenset({n}) for n in sorted(all_names)] if args.each else [])
+    print("callbacks (defaults):", ", ".join(type(cb).__name__ for cb in callbacks))
+    for note in notes:
+        print("  note:", note)
+    stat = _stat_steps(callbacks, args.steps)
+    timed = range(args.warmup, args.steps)
+    plain = [i for i in timed if not any(i in s for s in stat.values())]
+
+    rows: dict[str, list[float]] = {"mean step": [], "median step": []}
+    alone: dict[str, list[float]] = {n: [] for n in sorted(all_names)} if args.each else {}
+    stat_cost: dict[str, list[float]] = {name: [] for name in stat}
+    fit_extra: list[float] = []
+    with tempfile.TemporaryDirectory() as root:
+        for r in range(args.rounds):
+            order = arms if r % 2 == 0 else arms[::-1]
+            res = {arm: run_arm(arm, args, root) for arm in order}
+            (base, base_fit, _), (full, full_fit, _) = res[frozenset()], res[all_names]
+            for name in alone:
+                one = res[frozenset({name})][0]
+                alone[name].append(statistics.fmean(one[i] for i in timed) / statistics.fmean(base[i] for i in timed))
+            rows["mean step"].append(statistics.fmean(full[i] for i in timed) / statistics.fmean(base[i] for i in timed))
+            rows["median step"].append(statistics.median(full[i] for i in plain) / statistics.median(base[i] for i in plain))
+            base_median = statistics.median(base[i] for i in plain)
+            for name, steps in stat.items():
+                on = [full[i] for i in steps if i in timed]
+                if on:
+                    stat_cost[name].append(statistics.median(on) / base_median)
+            fit_extra.append((full_fit - sum(full)) - (base_fit - sum(base)))
+            print(f"round {r + 1}/{args.rounds}: mean-step ratio {rows['mean step'][-1]:.4f}, "
+                  f"none {1e3 * statistics.fmean(base[i] for i in timed):.2f} ms/step")
+
+    _report(args, callbacks, rows, stat_cost, alone, fit_extra)
+
+
+def _report(args: argparse.Namespace, callbacks: list[Any], rows: dict[str, list[float]],
+            stat_cost: dict[str, list[float]], alone: dict[str, list[float]], fit_extra: list[float]) -> None:
+    print(f"\nstep time, all callbacks / none ({args.steps} steps x {args.rounds} rounds, logger: {args.logger}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"| {'measure':<38} | {'ratio (median of rounds)':>24} | {'bar':>6} |")
+    print(f"|{'-' * 40}|{'-' * 26}:|{'-' * 7}:|")
+    mean_ratio = statistics.median(rows["mean step"])
+    print(f"| {'mean step (statistics steps included)':<38} | {mean_ratio:>24.4f} | {BAR:>6} |")
+    print(f"| {'median step (hooks only)':<38} | {statistics.median(rows['median step']):>24.4f} | {'':>6} |")
+    for name, costs in stat_cost.items():
+        every = next(getattr(cb, "every_n_steps") for cb in callbacks if type(cb).__name__ == name)
+        label = f"{name} step (every {every})"
+        value = statistics.median(costs) if costs else float("nan")
+        print(f"| {label:<38} | {value:>24.3f} | {'':>6} |")
+    for name, ratios in alone.items():
+        print(f"| {name + ' alone, mean step':<38} | {statistics.median(ratios):>24.4f} | {'':>6} |")
+    print(f"\nend of fit (summary table, plots): {statistics.median(fit_extra):+.3f} s per fit")
+    print(f"verdict: mean-step overhead {100 * (mean_ratio - 1):+.2f} % -> {'OK' if mean_ratio <= BAR else 'ABOVE THE BAR'}")
+
+
+if __name__ == "__main__":
+    main()
