@@ -9,6 +9,7 @@ overrides on top, and optionally a different algorithm per role (an :class:`Opti
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -202,10 +203,11 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
     roles = classify_parameters(model, spec.role_patterns)
     mixed_roles = {role: part for part in spec.mix for role in part.roles}
     for role in mixed_roles:
-        if role not in roles.values():
-            raise ValueError(
+        if role not in roles.values():  # e.g. a recipe's "bias" on a model without biases
+            warnings.warn(
                 f"mix part {mixed_roles[role].optimizer!r} lists role {role!r}, but the model has no {role} parameters; "
-                f"its roles are: {', '.join(sorted(set(roles.values())))}"
+                f"its roles are: {', '.join(sorted(set(roles.values())))}",
+                stacklevel=3,
             )
     groups = group_parameters(model, spec.weight_decay, roles=roles, role_overrides=spec.overrides)
     main_groups = [g for g in groups if g["role"] not in mixed_roles]
@@ -217,6 +219,8 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
         names.append(spec.name)
     for part in spec.mix:
         part_groups = [g for g in groups if g["role"] in part.roles]
+        if not part_groups:
+            continue
         if part.weight_decay is not None:
             for g in part_groups:  # the part's decay goes where decay goes by default, unless overridden
                 if "weight_decay" not in spec.overrides.get(g["role"], {}):

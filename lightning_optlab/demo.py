@@ -36,7 +36,7 @@ DEFAULT_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("adam_mini", dict(name="adam_mini", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, hparams={"n_heads": 4})),
     ("soap", dict(name="soap", lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01)),
     ("shampoo", dict(name="shampoo", lr=3e-3, weight_decay=0.0)),
-    ("muon+adamw", dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"],
+    ("muon+adamw", dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm"],
                                                        lr=3e-3, betas=(0.9, 0.95))])),
     ("schedule_free_adamw", dict(name="schedule_free_adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                  schedule="constant")),

@@ -86,10 +86,11 @@ def test_unknown_constructor_argument_names_the_accepted_ones(tiny_lm):
         configure(tiny_lm, "sgd", lr=1e-4, eps=1e-8)
 
 
-def test_mix_role_absent_from_model_is_an_error():
+def test_mix_role_absent_from_model_warns_and_is_skipped():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    with pytest.raises(ValueError, match="lists role 'norm', but the model has no norm parameters"):
-        configure(model, "sgd", lr=0.1, mix=[{"optimizer": "adalayer", "roles": ["norm"]}])
+    with pytest.warns(UserWarning, match="lists role 'norm', but the model has no norm parameters"):
+        opt = configure(model, "sgd", lr=0.1, mix=[{"optimizer": "adalayer", "roles": ["norm"]}])["optimizer"]
+    assert isinstance(opt, SGD)
 
 
 def test_spec_from_yaml_through_jsonargparse(tiny_lm):

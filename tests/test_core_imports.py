@@ -16,8 +16,9 @@ import lightning_optlab.models, lightning_optlab.data
 from lightning_optlab import configure, available_optimizers
 import torch
 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+mix = [{"optimizer": "adamw", "roles": ["norm", "bias"]}]
 for name in available_optimizers():
-    configure(model, name, lr=1e-3)
+    configure(model, name, lr=1e-3, **({"mix": mix} if name == "muon" else {}))
 print('ok')
 """
 

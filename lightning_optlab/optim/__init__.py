@@ -6,8 +6,10 @@ from .adam_mini import AdamMini
 from .builtin import SGD, Adagrad, AdamW
 from .health import HealthMixin, torch_optimizer_health
 from .mix import OptimizerMix
+from .muon import Muon
 from .registry import available_optimizers, canonical_name, get_optimizer_class
 from .schedule_free import ScheduleFreeAdamW
+from .shampoo import Shampoo
 from .sign import Lion, Signum
 from .sophia import Sophia, sophia_gnb_estimate, sophia_hutchinson_estimate
 
@@ -24,6 +26,8 @@ __all__ = [
     "sophia_gnb_estimate",
     "sophia_hutchinson_estimate",
     "ScheduleFreeAdamW",
+    "Shampoo",
+    "Muon",
     "OptimizerMix",
     "HealthMixin",
     "torch_optimizer_health",

@@ -24,6 +24,8 @@ OPTIMIZERS: dict[str, str] = {
     "sophia": "sophia:Sophia",
     "adam_mini": "adam_mini:AdamMini",
     "schedule_free_adamw": "schedule_free:ScheduleFreeAdamW",
+    "shampoo": "shampoo:Shampoo",
+    "muon": "muon:Muon",
 }
 
 #: alternative spellings -> canonical name

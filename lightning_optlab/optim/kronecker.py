@@ -1,0 +1,281 @@
+"""Kronecker-factor building blocks shared by SOAP and Shampoo.
+
+A tensor ``G`` of shape ``(d_0, ..., d_{k-1})`` gets one factor per dimension ``i`` that is
+preconditioned: ``F_i ≈ E[G_(i) G_(i)ᵀ]``, the ``d_i × d_i`` contraction of ``G`` with itself over
+every other dimension (for a matrix: ``L = G Gᵀ`` for rows, ``R = Gᵀ G`` for columns). Bases
+``Q_i`` (eigenvectors of ``F_i``) rotate a tensor dimension by dimension: ``Q_Lᵀ G Q_R`` and back
+``Q_L N Q_Rᵀ``.
+
+Conventions (those of SOAP's reference implementation, Vyas et al. 2024):
+
+* ``merge_dims`` merges consecutive dimensions while their product stays ≤ ``max_precond_dim``
+  (:func:`merged_shape`); dimensions larger than ``max_precond_dim`` get no factor and are left
+  unrotated; 1-D tensors get a factor only with ``precondition_1d`` (:func:`factor_mask`).
+* Factor lists hold ``None`` where a dimension has no factor; basis lists likewise.
+* Low-precision (bf16/fp16) inputs are computed in float32: the decompositions need it.
+
+Everything here is plain torch over tensors; the optimizers own state, groups and validation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "merged_shape",
+    "factor_mask",
+    "gram",
+    "update_factors_",
+    "project",
+    "project_matrices",
+    "safe_eigh",
+    "eigenbasis",
+    "power_qr_refresh",
+    "cholesky_qr2",
+    "condition_number",
+    "DEFAULT_JITTER",
+]
+
+#: relative jitter (times the mean diagonal) added on the last eigendecomposition retry
+DEFAULT_JITTER = 1e-6
+# SOAP's reference adds 1e-30·I before its first eigendecomposition (a no-op above ~1e-23).
+_EIGH_SHIFT = 1e-30
+
+
+def merged_shape(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
+    """Merge consecutive dimensions while their product stays ≤ ``max_precond_dim``.
+
+    SOAP's ``merge_dims`` rule, scanning left to right: a dimension joins the running block if
+    the product stays ≤ ``max_precond_dim``; otherwise the block is closed and a new one starts
+    (a dimension already above the limit stands alone). ``(64, 3, 3)`` → ``(576,)`` under 10000,
+    ``(128, 64, 3, 3)`` → ``(128, 576)`` under 1000; a 0-d shape becomes ``(1,)``.
+    """
+    out: list[int] = []
+    cur = 1
+    for size in shape:
+        if cur * size > max_precond_dim:
+            if cur > 1:
+                out.append(cur)
+                cur = size
+            else:
+                out.append(size)
+                cur = 1
+        else:
+            cur *= size
+    if cur > 1 or not out:
+        out.append(cur)
+    return tuple(out)
+
+
+def factor_mask(
+    shape: Sequence[int], max_precond_dim: int, precondition_1d: bool, merge_dims: bool = False
+) -> list[bool]:
+    """Which dimensions get a factor: those of size ≤ ``max_precond_dim``.
+
+    A 1-D ``shape`` gets one only with ``precondition_1d``. With ``merge_dims`` the mask is over
+    :func:`merged_shape` of a ≥ 2-D (or 0-D) ``shape`` (the 1-D rule looks at the original
+    shape, as the reference does: a matrix merged into one dimension keeps its factor).
+    """
+    if len(shape) == 1:
+        return [bool(precondition_1d) and shape[0] <= max_precond_dim]
+    dims = merged_shape(shape, max_precond_dim) if merge_dims else tuple(shape)
+    return [d <= max_precond_dim for d in dims]
+
+
+def gram(grad: Tensor, dim: int) -> Tensor:
+    """G_(dim) G_(dim)ᵀ: the contraction of ``grad`` with itself over every dimension but ``dim``.
+
+    For a matrix ``G Gᵀ`` (dim 0) or ``Gᵀ G`` (dim 1); for a vector the outer product ``g gᵀ``.
+    Computed in float32 for low-precision inputs. The product is not symmetrized (as the
+    reference: it feeds the eigendecompositions bit for bit).
+    """
+    g = grad.float() if grad.dtype in (torch.bfloat16, torch.float16) else grad
+    if g.dim() == 1:
+        return torch.outer(g, g)
+    if g.dim() == 2:
+        return g @ g.T if dim == 0 else g.T @ g
+    others = [d for d in range(g.dim()) if d != dim]
+    return torch.tensordot(g, g, dims=(others, others))
+
+
+def update_factors_(factors: Sequence[Optional[Tensor]], grad: Tensor, beta: Optional[float]) -> None:
+    """F_i ← lerp(F_i, G_(i) G_(i)ᵀ, 1 − β) (an EMA), or F_i ← F_i + G_(i) G_(i)ᵀ when β is None.
+
+    In place, for every ``i`` with ``factors[i]`` not None; ``grad`` must already have the
+    (merged) shape the factors were made for. Matrices and vectors use one fused
+    ``addmm_``/``addr_`` (β·F + (1−β)·G Gᵀ: equal to the lerp up to float rounding, without the
+    temporary Gram matrix); n-d tensors contract with :func:`gram` and lerp.
+    """
+    if len(factors) != grad.dim():
+        raise ValueError(f"got {len(factors)} factors for a gradient of shape {tuple(grad.shape)}")
+    for i, f in enumerate(factors):
+        if f is None:
+            continue
+        keep, add = (1.0, 1.0) if beta is None else (beta, 1.0 - beta)
+        g = grad.to(f.dtype)
+        if g.dim() == 1:
+            f.addr_(g, g, beta=keep, alpha=add)
+        elif g.dim() == 2:
+            f.addmm_(g, g.T, beta=keep, alpha=add) if i == 0 else f.addmm_(g.T, g, beta=keep, alpha=add)
+        elif beta is None:
+            f.add_(gram(g, i))
+        else:
+            f.lerp_(gram(g, i), add)
+
+
+def project(x: Tensor, bases: Sequence[Optional[Tensor]], transpose: bool) -> Tensor:
+    """Rotate every dimension ``i`` that has a basis: by ``Q_iᵀ`` (``transpose=True``, into the
+    basis) or by ``Q_i`` (back). A matrix becomes ``Q_Lᵀ X Q_R`` or ``Q_L X Q_Rᵀ``.
+
+    ``x`` must have the (merged) shape the bases were made for; dimensions without a basis are
+    left as they are. Returns a new tensor (or ``x`` itself when no dimension has a basis).
+    """
+    if all(q is None for q in bases):
+        return x
+    if x.dim() == 2 and len(bases) == 2:
+        ql, qr = bases
+        if ql is not None:
+            x = (ql.T if transpose else ql) @ x
+        if qr is not None:
+            x = x @ (qr if transpose else qr.T)
+        return x
+    if x.dim() <= 1:
+        q = bases[0]
+        v = x.reshape(-1)
+        return ((q.T if transpose else q) @ v).reshape(x.shape)
+    # n-d: contract one dimension at a time; tensordot moves the new dimension to the end, so
+    # after a full pass over the dimensions the original order is back.
+    for q in bases:
+        if q is None:
+            x = x.permute(*range(1, x.dim()), 0)
+        else:
+            x = torch.tensordot(x, q, dims=([0], [0 if transpose else 1]))
+    return x
+
+
+def project_matrices(x: Tensor, left: Optional[Tensor], right: Optional[Tensor], transpose: bool) -> Tensor:
+    """Batched :func:`project` for a stack of matrices ``x`` (B, m, n) with stacked bases
+    ``left`` (B, m, m) and ``right`` (B, n, n), either possibly None: ``Q_Lᵀ X Q_R`` per slice
+    (``transpose=True``) or ``Q_L X Q_Rᵀ``, by ``bmm``."""
+    if left is not None:
+        x = torch.bmm(left.transpose(1, 2) if transpose else left, x)
+    if right is not None:
+        x = torch.bmm(x, right if transpose else right.transpose(1, 2))
+    return x
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _try_eigh(matrix: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    try:
+        evals, evecs = torch.linalg.eigh(matrix)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        return None
+    return (evals, evecs) if _finite(evals, evecs) else None
+
+
+def safe_eigh(matrix: Tensor, eps_jitter: float = DEFAULT_JITTER) -> tuple[Tensor, Tensor, bool]:
+    """Symmetric eigendecomposition (ascending eigenvalues) that never returns non-finite values.
+
+    Tried in the matrix's precision (float32 for bf16/fp16), then in float64, then in float64
+    with ``eps_jitter·(mean |diag| + 1)·I`` added; if all fail (e.g. the matrix itself is not
+    finite) the result is the identity basis with the diagonal's finite part as eigenvalues.
+    Returns ``(eigenvalues, eigenvectors, fell_back)`` in the working precision; ``fell_back`` is
+    True when the first attempt did not succeed. Reads one flag from the device per attempt.
+    """
+    work = matrix.float() if matrix.dtype in (torch.bfloat16, torch.float16) else matrix
+    out = _try_eigh(work)
+    if out is not None:
+        return out[0], out[1], False
+    m64 = work.double()
+    out = _try_eigh(m64)
+    if out is None and eps_jitter > 0 and _finite(m64):
+        scale = m64.diagonal().abs().mean() + 1.0
+        eye = torch.eye(m64.shape[0], dtype=m64.dtype, device=m64.device)
+        out = _try_eigh(m64 + eps_jitter * scale * eye)
+    if out is not None:
+        return out[0].to(work.dtype), out[1].to(work.dtype), True
+    diag = torch.nan_to_num(work.diagonal(), nan=0.0, posinf=0.0, neginf=0.0).clone()
+    return diag, torch.eye(work.shape[0], dtype=work.dtype, device=work.device), True
+
+
+def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """SOAP's first basis: eigenvectors of ``F + 1e-30·I``, columns by descending eigenvalue.
+
+    The first attempt is exactly the reference's call (``torch.linalg.eigh`` in float32 on the
+    factor's device, then the columns flipped); failures go through :func:`safe_eigh`'s float64
+    and jitter retries. Returns ``(eigenvalues_descending, Q, fell_back)`` in float32 (or the
+    factor's dtype if wider).
+    """
+    work = factor.float() if factor.dtype in (torch.bfloat16, torch.float16) else factor
+    shifted = work + _EIGH_SHIFT * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+    evals, evecs, fell_back = safe_eigh(shifted)
+    return evals.flip(0), evecs.flip(1), fell_back
+
+
+def _try_qr(y: Tensor) -> Optional[Tensor]:
+    try:
+        q = torch.linalg.qr(y)[0]
+    except RuntimeError:
+        return None
+    return q if _finite(q) else None
+
+
+def cholesky_qr2(y: Tensor) -> Optional[Tensor]:
+    """The Q factor of ``y`` by CholeskyQR2: ``R = chol(YᵀY)``, ``Q = Y R⁻¹``, done twice.
+
+    Matrix products, a Cholesky factorization and a triangular solve (fast and batchable on an
+    accelerator, unlike Householder QR). Equal to Householder QR's Q up to column signs and
+    rounding when ``y`` is well conditioned; returns None when a Cholesky factorization fails
+    (``y`` rank-deficient or too ill-conditioned for the precision) or the result is not finite.
+    """
+    q = y
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(q.mT @ q, upper=True)
+        if bool((info != 0).any()):
+            return None
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    return q if _finite(q) else None
+
+
+def power_qr_refresh(
+    factor: Tensor, basis: Tensor, fq: Optional[Tensor] = None, method: str = "qr"
+) -> tuple[Optional[Tensor], Tensor]:
+    """One power-iteration step with QR, warm-started from ``basis`` (SOAP's refresh).
+
+    ``d = diag(Qᵀ F Q)`` (computed as the column sums of ``Q ⊙ F Q``, which reuses ``F Q``);
+    ``order = argsort(d, descending)``; ``Q_new = qr(F Q[:, order]).Q``. ``fq`` may pass a
+    precomputed ``F Q``. ``method="cholesky_qr"`` tries :func:`cholesky_qr2` first (same basis
+    up to signs and rounding where ``F Q`` is well conditioned) and falls back to Householder QR.
+    Returns ``(Q_new, order)``; ``Q_new`` is None when the QR fails or is not finite in the
+    working precision and in float64 (keep the old basis then). The caller permutes the matching
+    axis of anything stored in the basis by ``order``.
+    """
+    work_f = factor.float() if factor.dtype in (torch.bfloat16, torch.float16) else factor
+    work_q = basis.to(work_f.dtype)
+    if fq is None:
+        fq = work_f @ work_q
+    est = (work_q * fq).sum(0)
+    order = torch.argsort(est, descending=True)
+    y = fq.index_select(1, order)
+    q = cholesky_qr2(y) if method == "cholesky_qr" else None
+    if q is None:
+        q = _try_qr(y)
+    if q is None:
+        q64 = _try_qr(y.double())
+        q = None if q64 is None else q64.to(work_f.dtype)
+    return q, order
+
+
+def condition_number(eigenvalues: Tensor, floor: float = 0.0) -> float:
+    """max|λ| / max(min|λ|, floor) (inf when the denominator is 0)."""
+    lam = eigenvalues.detach().abs().double()
+    lo = max(float(lam.min()), floor)
+    hi = float(lam.max())
+    return hi / lo if lo > 0 else (0.0 if hi == 0 else math.inf)
