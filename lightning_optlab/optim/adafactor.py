@@ -54,24 +54,42 @@ def factored_second_moment_(
 ) -> None:
     """r ← β2·r + (1−β2)·(mean_j g_ij² + ε1);  c ← β2·c + (1−β2)·(mean_i g_ij² + ε1)  (in place).
 
-    ``g`` is (..., m, n), ``r`` is (..., m), ``c`` is (..., n). The sums of squares come from two
-    norm reductions per stack of same-shaped gradients; ``g⊙g`` is never materialized.
+    ``g`` is (..., m, n), ``r`` is (..., m), ``c`` is (..., n). On accelerators the sums of squares
+    come from two norm reductions per stack of same-shaped gradients (``g⊙g`` is never
+    materialized); on CPU from one ``g⊙g`` summed along both axes, which is faster there.
     """
     if not grads:
         return
     sums: list[Optional[Tensor]] = [None] * (2 * len(grads))
+    squared = [False] * (2 * len(grads))  # True: sums[i] is Σg², False: sums[i] is ‖g‖ (square it)
     keys = [(g.shape, g.device, g.dtype) for g in grads]
     for idx in _stack_buckets(keys, [g.numel() for g in grads], [g.device for g in grads]):
         stacked = _stack([grads[i] for i in idx])
-        row_norms = torch.linalg.vector_norm(stacked, dim=-1).unbind(0)
-        col_norms = torch.linalg.vector_norm(stacked, dim=-2).unbind(0)
-        for i, row, col in zip(idx, row_norms, col_norms):
+        if stacked.device.type == "cpu":
+            # On CPU a norm over the row axis (dim −2) is ~6x slower than materializing g⊙g once
+            # and summing it along both axes (measured on 768×256 … 8192×256 float32).
+            g2 = stacked.square()
+            row_sums, col_sums = g2.sum(-1).unbind(0), g2.sum(-2).unbind(0)
+            flag = True
+        else:
+            row_sums = torch.linalg.vector_norm(stacked, dim=-1).unbind(0)
+            col_sums = torch.linalg.vector_norm(stacked, dim=-2).unbind(0)
+            flag = False
+        for i, row, col in zip(idx, row_sums, col_sums):
             sums[i], sums[len(grads) + i] = row, col
-    # β2·r + (1−β2)/n·Σ_j g_ij² + (1−β2)·ε1, and likewise for c: three foreach kernels in all
+            squared[i] = squared[len(grads) + i] = flag
+    # β2·r + (1−β2)/n·Σ_j g_ij² + (1−β2)·ε1, and likewise for c
     factors = rows + cols
     inv_counts = [1.0 / g.shape[-1] for g in grads] + [1.0 / g.shape[-2] for g in grads]
     torch._foreach_mul_(factors, beta2)
-    torch._foreach_addcmul_(factors, sums, sums, [(1.0 - beta2) * k for k in inv_counts])
+    from_norms = [i for i, sq in enumerate(squared) if not sq]
+    from_sums = [i for i, sq in enumerate(squared) if sq]
+    if from_norms:
+        torch._foreach_addcmul_([factors[i] for i in from_norms], [sums[i] for i in from_norms],
+                                [sums[i] for i in from_norms], [(1.0 - beta2) * inv_counts[i] for i in from_norms])
+    if from_sums:
+        scaled = torch._foreach_mul([sums[i] for i in from_sums], [(1.0 - beta2) * inv_counts[i] for i in from_sums])
+        torch._foreach_add_([factors[i] for i in from_sums], scaled)
     torch._foreach_add_(factors, (1.0 - beta2) * eps_factored)
 
 
