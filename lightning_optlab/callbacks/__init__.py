@@ -1,5 +1,7 @@
 """Lightning callbacks (this package may import Lightning; ``optim/`` never does)."""
 
+from .health import PreconditionerHealth, plot_effective_lr
+from .nonfinite import NonFiniteError, NonFiniteGuard
 from .schedule_free import ScheduleFreeModeSwitch, attach_schedule_free_switch
 from .stability import LossSpikeDetector, StabilityMonitor
 from .wallclock import WallClock, format_summary
@@ -11,4 +13,8 @@ __all__ = [
     "format_summary",
     "StabilityMonitor",
     "LossSpikeDetector",
+    "PreconditionerHealth",
+    "plot_effective_lr",
+    "NonFiniteGuard",
+    "NonFiniteError",
 ]
