@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="llama-tiny", help="model preset (default llama-tiny)")
     demo.add_argument("--optimizers", default="", help="comma-separated demo runs (default: a selection of 6-8)")
     demo.add_argument("--out", default="optlab_runs/demo", help="output folder (default optlab_runs/demo)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 leaves torch's default)")
     sub.add_parser("optimizers", help="list the registered optimizers and their aliases")
     return parser
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = DemoConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, preset=args.preset,
-            optimizers=[o for o in args.optimizers.split(",") if o], out_dir=args.out,
+            optimizers=[o for o in args.optimizers.split(",") if o], out_dir=args.out, threads=args.threads,
             warmup_steps=min(20, max(0, args.steps // 10)), val_every=max(1, min(25, args.steps // 4)),
         )
     except ValueError as err:
