@@ -20,6 +20,7 @@ SPECS = {
                          mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3)]),
     "schedule_free_adamw": dict(name="schedule_free_adamw", lr=3e-3),
     "shampoo": dict(name="shampoo", lr=3e-3, hparams={"precondition_frequency": 2}),
+    "soap": dict(name="soap", lr=3e-3, hparams={"precondition_frequency": 2}),
     "muon+adamw": dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"],
                                                        lr=3e-3)]),
 }

@@ -11,6 +11,7 @@ from .registry import available_optimizers, canonical_name, get_optimizer_class
 from .schedule_free import ScheduleFreeAdamW
 from .shampoo import Shampoo
 from .sign import Lion, Signum
+from .soap import SOAP
 from .sophia import Sophia, sophia_gnb_estimate, sophia_hutchinson_estimate
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "sophia_hutchinson_estimate",
     "ScheduleFreeAdamW",
     "Shampoo",
+    "SOAP",
     "Muon",
     "OptimizerMix",
     "HealthMixin",

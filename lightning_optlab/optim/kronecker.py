@@ -36,6 +36,8 @@ __all__ = [
     "eigenbasis",
     "power_qr_refresh",
     "cholesky_qr2",
+    "cholesky_qr2_batched",
+    "power_qr_refresh_batched",
     "condition_number",
     "DEFAULT_JITTER",
 ]
@@ -120,7 +122,8 @@ def update_factors_(factors: Sequence[Optional[Tensor]], grad: Tensor, beta: Opt
         if g.dim() == 1:
             f.addr_(g, g, beta=keep, alpha=add)
         elif g.dim() == 2:
-            f.addmm_(g, g.T, beta=keep, alpha=add) if i == 0 else f.addmm_(g.T, g, beta=keep, alpha=add)
+            a, b = (g, g.T) if i == 0 else (g.T, g)
+            f.addmm_(a, b, beta=keep, alpha=add)
         elif beta is None:
             f.add_(gram(g, i))
         else:
@@ -242,6 +245,50 @@ def cholesky_qr2(y: Tensor) -> Optional[Tensor]:
             return None
         q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
     return q if _finite(q) else None
+
+
+def cholesky_qr2_batched(y: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`cholesky_qr2` of each matrix of a (B, m, n) stack: ``(Q, ok)``, ``ok`` a (B,) bool
+    tensor (False where a Cholesky factorization failed or Q is not finite; Q is then unusable).
+    No device read."""
+    q = y
+    ok = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(q.mT @ q, upper=True)
+        ok &= info == 0
+        r = torch.where(ok[:, None, None], r, eye)  # keep the failed ones' solve harmless
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    ok &= torch.isfinite(q).flatten(1).all(1)
+    return q, ok
+
+
+def power_qr_refresh_batched(factors: Tensor, bases: Tensor, method: str = "cholesky_qr") -> tuple[Tensor, Tensor, list[bool]]:
+    """:func:`power_qr_refresh` over a (B, d, d) stack of factors and bases: one ``bmm`` for
+    ``F Q``, then CholeskyQR2 for the whole stack (``method="cholesky_qr"``, one device read)
+    and Householder QR (then float64) one by one for the matrices it failed on. Returns
+    ``(Q_new, order, ok)`` with ``order`` (B, d) and ``ok[b]`` False where every QR failed.
+    """
+    fq = torch.bmm(factors, bases)
+    est = (bases * fq).sum(1)
+    order = torch.argsort(est, dim=1, descending=True)
+    y = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
+    if method == "cholesky_qr":
+        q, ok_t = cholesky_qr2_batched(y)
+        ok = ok_t.tolist()
+    else:
+        q, ok = torch.empty_like(y), [False] * y.shape[0]
+    for b in range(y.shape[0]):
+        if ok[b]:
+            continue
+        qb = _try_qr(y[b])
+        if qb is None:
+            q64 = _try_qr(y[b].double())
+            qb = None if q64 is None else q64.to(y.dtype)
+        if qb is not None:
+            q[b] = qb
+            ok[b] = True
+    return q, order, ok
 
 
 def power_qr_refresh(

@@ -25,6 +25,7 @@ OPTIMIZERS: dict[str, str] = {
     "adam_mini": "adam_mini:AdamMini",
     "schedule_free_adamw": "schedule_free:ScheduleFreeAdamW",
     "shampoo": "shampoo:Shampoo",
+    "soap": "soap:SOAP",
     "muon": "muon:Muon",
 }
 

@@ -65,6 +65,7 @@ def test_validation_perplexity_is_exp_of_the_token_weighted_loss(tmp_path):
 @pytest.mark.parametrize("name, hparams", [
     ("adamw", {}), ("lion", {}), ("adalayer", {}), ("sophia", {"hparams": {"update_period": 2}}),
     ("shampoo", {"hparams": {"precondition_frequency": 3}}),
+    ("soap", {"hparams": {"precondition_frequency": 3}}),
     ("muon", {"mix": [{"optimizer": "adamw", "roles": ["embedding", "readout", "norm"]}]}),
 ])
 def test_resume_reproduces_the_loss_sequence_exactly(tmp_path, name, hparams):

@@ -23,8 +23,12 @@ CASES: dict[str, dict] = {
     "adam_mini": dict(lr=0.05),
     "schedule_free_adamw": dict(lr=0.05),
     "shampoo": dict(lr=0.05, precondition_frequency=5),
+    "soap": dict(lr=0.05, precondition_frequency=5),
     "muon": dict(lr=0.05),
 }
+
+# Optimizers whose first step only initializes state (SOAP, as its authors' reference does).
+FIRST_STEP_INITIALIZES = {"soap"}
 
 # Optimizers for matrices only (embeddings, norms and biases go to AdamW through the per-role mix).
 MATRIX_ONLY = {"muon"}
@@ -112,6 +116,9 @@ def test_step_calls_the_closure_once_and_returns_its_loss(name):
         loss.backward()
         return loss
 
+    if name in FIRST_STEP_INITIALIZES:
+        opt.step(closure)
+        calls.clear()
     before = [p.detach().clone() for p in params]
     out = opt.step(closure)
     assert len(calls) == 1 and torch.is_tensor(out) and torch.isfinite(out)

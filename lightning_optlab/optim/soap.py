@@ -1,0 +1,549 @@
+"""SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's Kronecker factors.
+
+The default mode follows the authors' reference implementation point by point (see
+``docs/soap.md``): the first step only initializes the factors and bases; the first moment lives
+in the rotated basis and follows it across refreshes, the second moment is only re-ordered;
+bases are refreshed every ``precondition_frequency`` steps by one power-iteration step with QR;
+decoupled weight decay comes after the update, on the updated weights.
+
+Faster than the reference with the same numbers (up to float32 rounding): the first moment is
+rotated back and forth only when a basis changed (the reference does it every step), the
+updated weights are written with foreach ops, same-shaped matrices on an accelerator are rotated
+as one ``bmm`` stack, and no step reads the device except for one finiteness flag per step (and
+the decompositions at a refresh). Options that change the numbers are off by default:
+``refresh="cholesky_qr"`` and ``spread_refresh=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from .health import HealthMixin, quantile_stats, update_stats
+from .kronecker import (
+    eigenbasis,
+    factor_mask,
+    gram,
+    merged_shape,
+    power_qr_refresh,
+    power_qr_refresh_batched,
+    project,
+    project_matrices,
+    update_factors_,
+)
+
+__all__ = ["SOAP", "soap_rotated_adam_"]
+
+REFRESH_METHODS = ("qr", "cholesky_qr")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Accelerators: same-shaped matrices are rotated as one bmm stack when a stack holds at most
+# this many elements (bounds the temporary memory). On the CPU launches are cheap and the
+# stacking copy is not, so none is made (the tests turn it on through ``_stack_on_cpu``).
+_STACK_MAX_TOTAL = 1 << 27
+
+
+def soap_rotated_adam_(
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rotated_grads: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[Tensor]:
+    """M ← β1·M + (1−β1)·G';  V ← β2·V + (1−β2)·G'⊙G';  returns N' = M / (√V + ε)  (foreach).
+
+    ``G' = Q_Lᵀ G Q_R`` is the gradient in the eigenbasis; M and V live there (in place). M is
+    updated by one lerp (the reference's multiply-then-add, up to rounding, in one pass).
+    """
+    torch._foreach_lerp_(exp_avgs, rotated_grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, rotated_grads, rotated_grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(exp_avgs, denom)
+
+
+def _is_sharded(p: Tensor) -> bool:
+    """A parameter that holds only a shard of its matrix (FSDP1 flat parameters, DTensor shards)."""
+    if getattr(p, "_fsdp_flattened", False):
+        return True
+    placements = getattr(p, "placements", None)  # torch.distributed.tensor.DTensor
+    return placements is not None and any(pl.is_shard() for pl in placements)
+
+
+class SOAP(HealthMixin, torch.optim.Optimizer):
+    """SOAP: W ← W − η·√(1−β2ᵗ)/(1−β1ᵗ)·Q_L (M / (√V + ε)) Q_Rᵀ, then W ← W − ηλW.
+
+    Per matrix: factors L ← lerp(L, G Gᵀ, 1−β_s), R ← lerp(R, Gᵀ G, 1−β_s); bases Q_L, Q_R their
+    eigenvectors (descending), refreshed every ``precondition_frequency`` steps by one power
+    iteration with QR; G' = Q_Lᵀ G Q_R, M ← β1·M + (1−β1)·G', V ← β2·V + (1−β2)·G'² in the
+    rotated basis. n-d tensors get one factor per dimension; dims > ``max_precond_dim`` none.
+
+    Args:
+        params: parameters, (name, parameter) pairs or param-group dicts.
+        lr: η (default 3e-3).
+        betas: (β1, β2) of the rotated Adam (default (0.95, 0.95)).
+        shampoo_beta: β_s of the factor EMAs; negative means β2 (default -1).
+        eps: ε added to √V (default 1e-8).
+        weight_decay: decoupled λ, applied after the update (default 0.01).
+        precondition_frequency: steps between basis refreshes (default 10).
+        max_precond_dim: larger dimensions get no factor and stay unrotated (default 10000).
+        merge_dims: merge consecutive dims while their product is ≤ max_precond_dim (default False).
+        precondition_1d: give 1-D tensors a factor too (default False: plain Adam).
+        normalize_grads: divide the rotated-back update by its RMS (default False).
+        correct_bias: Adam's bias correction in the step size (default True).
+        refresh: ``"qr"`` (reference, Householder) or ``"cholesky_qr"`` (CholeskyQR2, faster on
+            accelerators, same basis up to signs where F·Q is well conditioned; changes the
+            numbers beyond rounding where it is not). Default ``"qr"``.
+        spread_refresh: refresh each tensor at its own phase of the period, balancing the
+            refresh work over steps (changes the numbers; default False).
+        nonfinite: a non-finite gradient leaves its parameter's state unchanged and is counted
+            (``"skip"``, default), raises naming the parameter (``"raise"``), or is not checked
+            (``"ignore"``: no device read per step).
+
+    Example::
+
+        opt = SOAP(model.parameters(), lr=3e-3, weight_decay=0.01, precondition_frequency=10)
+
+    Paper: Vyas, Morwani, Zhao, Shapira, Brandfonbrener, Janson, Kakade, "SOAP: Improving and
+    Stabilizing Shampoo using Adam" (2024), arXiv:2409.11321.
+    """
+
+    _stack_on_cpu = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = -1.0,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        correct_bias: bool = True,
+        *,
+        refresh: str = "qr",
+        spread_refresh: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_range("shampoo_beta", shampoo_beta, -float("inf"), 1.0, hi_open=True)
+        check_eps(eps)
+        check_weight_decay(weight_decay)
+        check_positive_int("precondition_frequency", precondition_frequency)
+        check_positive_int("max_precond_dim", max_precond_dim)
+        for name, flag in (("merge_dims", merge_dims), ("precondition_1d", precondition_1d),
+                           ("normalize_grads", normalize_grads), ("correct_bias", correct_bias),
+                           ("spread_refresh", spread_refresh)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if refresh not in REFRESH_METHODS:
+            raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+            correct_bias=correct_bias, refresh=refresh, spread_refresh=spread_refresh,
+        )
+        self.nonfinite = nonfinite
+        #: host seconds spent on eigendecompositions and refreshes in the last step (no device sync
+        #: of its own; the decompositions read a finiteness flag, so on an accelerator this is close
+        #: to the device time of that work)
+        self.last_refresh_seconds = 0.0
+        self._phase_load: dict[int, list[float]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, refusing sharded parameters (SOAP needs each whole matrix; see docs/soap.md)."""
+        super().add_param_group(param_group)
+        names = self.param_groups[-1].get("param_names")
+        for j, p in enumerate(self.param_groups[-1]["params"]):
+            if _is_sharded(p):
+                name = names[j] if names is not None and j < len(names) else f"param {j}"
+                self.param_groups.pop()  # leave the optimizer as it was
+                raise ValueError(
+                    f"SOAP got a sharded parameter ({name}, FSDP/DTensor): its Kronecker factors need the "
+                    "whole matrix. Use DDP (or FSDP with this parameter replicated), or give the sharded "
+                    "parameters to AdamW through the per-role mix."
+                )
+
+    # ----------------------------------------------------------------------------------- state
+    @property
+    def fallback_count(self) -> int:
+        """Decompositions that failed in their first attempt (retried, jittered or basis kept)."""
+        return sum(int(s.get("fallbacks", 0)) for s in self.state.values())
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Parameter updates skipped because their gradient was not finite."""
+        return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
+
+    @staticmethod
+    def _work_shape(p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        if group["merge_dims"] and p.dim() != 1:
+            return merged_shape(p.shape, group["max_precond_dim"])
+        return tuple(p.shape)
+
+    @staticmethod
+    def _state_dtype(p: Tensor) -> torch.dtype:
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+    def _phase(self, group: dict[str, Any], sizes: list[int]) -> int:
+        """Refresh phase: 0, or with ``spread_refresh`` the least-loaded slot (greedy on Σd³)."""
+        if not group["spread_refresh"] or not sizes:
+            return 0
+        load = self._phase_load.setdefault(id(group), [0.0] * group["precondition_frequency"])
+        if len(load) != group["precondition_frequency"]:
+            load[:] = [0.0] * group["precondition_frequency"]
+        slot = min(range(len(load)), key=lambda i: (load[i], i))
+        load[slot] += float(sum(d**3 for d in sizes))
+        return slot
+
+    def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """The first step: factors from this gradient, bases from their eigendecomposition."""
+        dtype, shape = self._state_dtype(p), self._work_shape(p, group)
+        mask = factor_mask(p.shape, group["max_precond_dim"], group["precondition_1d"], group["merge_dims"])
+        g = grad.to(dtype).reshape(shape)
+        beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        factors: list[Optional[Tensor]] = [
+            torch.zeros(d, d, dtype=dtype, device=p.device) if m else None for d, m in zip(shape, mask)
+        ]
+        fallbacks = 0
+        bases: list[Optional[Tensor]] = []
+        for i, f in enumerate(factors):
+            if f is None:
+                bases.append(None)
+                continue
+            f.lerp_(gram(g, i), 1.0 - beta)
+            _, q, fell_back = eigenbasis(f)
+            fallbacks += int(fell_back)
+            bases.append(q.to(dtype))
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["factors"] = factors
+        state["bases"] = bases
+        state["last_refresh"] = 0
+        state["fallbacks"] = state.get("fallbacks", 0) + fallbacks
+        state.setdefault("nonfinite_skips", 0)
+        state["refresh_phase"] = self._phase(group, [f.shape[0] for f in factors if f is not None])
+
+    # ------------------------------------------------------------------------------------ step
+    def _finite_mask(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[bool]:
+        """One device read per group: which gradients are finite.
+
+        Exact (no overflow): min and max of each gradient, which are NaN or ±inf exactly when the
+        gradient has a non-finite entry. One multi-tensor max-abs norm on accelerators; per-tensor
+        ``aminmax`` on the CPU, where it is ~10x faster than the foreach norm's fallback.
+        """
+        if grads[0].device.type == "cpu":
+            extremes = [v.float() for g in grads for v in torch.aminmax(g)]
+            flags = torch.isfinite(torch.stack(extremes).view(-1, 2)).all(1).tolist()
+        else:
+            norms = torch._foreach_norm(grads, float("inf"))
+            flags = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).tolist()
+        if self.nonfinite == "raise" and not all(flags):
+            names = group.get("param_names")
+            index = {id(q): j for j, q in enumerate(group["params"])}
+            bad = [names[index[id(p)]] if names else f"param {index[id(p)]}" for p, ok in zip(params, flags) if not ok]
+            raise FloatingPointError(f"SOAP got a non-finite gradient for {', '.join(bad)}; "
+                                     "lower the learning rate or clip gradients, or pass nonfinite='skip'")
+        return flags
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One SOAP step for every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        refresh_seconds = 0.0
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("SOAP does not support sparse gradients")
+            grads = [p.grad for p in params]
+            flags = self._finite_mask(group, params, grads) if self.nonfinite != "ignore" else [True] * len(params)
+            active = []
+            for p, g, ok in zip(params, grads, flags):
+                state = self.state[p]
+                if not ok:
+                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+                elif "step" not in state:
+                    t0 = time.perf_counter()
+                    self._init_state(p, g, group, state)
+                    refresh_seconds += time.perf_counter() - t0
+                else:
+                    active.append((p, g, state))
+            if active:
+                refresh_seconds += self._update_group(group, active)
+        self.last_refresh_seconds = refresh_seconds
+        return loss
+
+    def _update_group(self, group: dict[str, Any], active: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> float:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        shapes = [self._work_shape(p, group) for p, _, _ in active]
+        grads = [g.to(self._state_dtype(p)).reshape(s) for (p, g, _), s in zip(active, shapes)]
+        bases = [st["bases"] for _, _, st in active]
+        exp_avgs = [st["exp_avg"].view(s) for (_, _, st), s in zip(active, shapes)]
+        exp_avg_sqs = [st["exp_avg_sq"].view(s) for (_, _, st), s in zip(active, shapes)]
+        steps = []
+        for _, _, st in active:
+            st["step"] += 1
+            steps.append(st["step"])
+
+        rotated = self._rotate(grads, bases, transpose=True)
+        direction = soap_rotated_adam_(exp_avgs, exp_avg_sqs, rotated, beta1=beta1, beta2=beta2, eps=eps)
+        del rotated
+        updates = self._rotate(direction, bases, transpose=False)
+        del direction
+        updates = [u.reshape(p.shape) for u, (p, _, _) in zip(updates, active)]
+        if group["normalize_grads"]:
+            for u in updates:
+                u.div_(u.norm().mul(u.numel() ** -0.5).add_(1e-30))
+        self._apply(group, [p for p, _, _ in active], updates, steps, beta1, beta2, lr, wd)
+        del updates
+
+        # The preconditioner update (after the parameter update): factors, then due refreshes.
+        beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        for g, (_, _, st) in zip(grads, active):
+            update_factors_(st["factors"], g, beta)
+        freq = group["precondition_frequency"]
+        due = [
+            (st, shape)
+            for (_, _, st), shape in zip(active, shapes)
+            if any(f is not None for f in st["factors"]) and st["step"] % freq == st.get("refresh_phase", 0) % freq
+        ]
+        if not due:
+            return 0.0
+        t0 = time.perf_counter()
+        self._refresh(due, group["refresh"])
+        return time.perf_counter() - t0
+
+    def _apply(self, group, params, updates, steps, beta1, beta2, lr, wd) -> None:
+        """W ← W − step_size·N, then W ← W − ηλW (on the updated W), in float32 for bf16/fp16."""
+        work = [p.float() if p.dtype in _LOW_PRECISION else p for p in params]
+        by_step: dict[int, list[int]] = {}
+        for i, t in enumerate(steps):
+            by_step.setdefault(t, []).append(i)
+        for t, idx in by_step.items():
+            step_size = lr
+            if group["correct_bias"]:
+                step_size = step_size * ((1.0 - beta2**t) ** 0.5) / (1.0 - beta1**t)
+            torch._foreach_add_([work[i] for i in idx], [updates[i] for i in idx], alpha=-step_size)
+        if wd > 0:
+            torch._foreach_add_(work, work, alpha=-lr * wd)
+        low = [(p, w) for p, w in zip(params, work) if p is not w]
+        if low:
+            torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
+
+    def _refresh(self, due: list[tuple[dict[str, Any], tuple[int, ...]]], method: str) -> None:
+        """Power-iteration + QR refresh of every basis of the due tensors.
+
+        With ``refresh="cholesky_qr"`` on an accelerator, same-sized factors are refreshed as one
+        stack (:func:`power_qr_refresh_batched`); otherwise one :func:`power_qr_refresh` each.
+        """
+        results: dict[tuple[int, int], tuple[Optional[Tensor], Tensor]] = {}
+        if method == "cholesky_qr":
+            buckets: dict[Any, list[tuple[int, int]]] = {}
+            for k, (st, _) in enumerate(due):
+                for i, f in enumerate(st["factors"]):
+                    if f is not None and (f.device.type != "cpu" or self._stack_on_cpu):
+                        buckets.setdefault((f.shape[0], f.device, f.dtype), []).append((k, i))
+            for keys in buckets.values():
+                if len(keys) < 2:
+                    continue
+                fs = torch.stack([due[k][0]["factors"][i] for k, i in keys])
+                qs = torch.stack([due[k][0]["bases"][i] for k, i in keys])
+                q_new, order, ok = power_qr_refresh_batched(fs, qs, method)
+                for j, key in enumerate(keys):
+                    results[key] = (q_new[j] if ok[j] else None, order[j])
+        for k, (st, shape) in enumerate(due):
+            for i, (f, q) in enumerate(zip(st["factors"], st["bases"])):
+                if f is not None and (k, i) not in results:
+                    results[(k, i)] = power_qr_refresh(f, q, method=method)
+            self._apply_refresh(st, shape, [results.get((k, i)) for i in range(len(st["factors"]))])
+
+    @staticmethod
+    def _apply_refresh(state: dict[str, Any], shape: tuple[int, ...], results: list) -> None:
+        """New bases in; V re-ordered along each refreshed axis; M carried into the new basis."""
+        old = list(state["bases"])
+        exp_avg = state["exp_avg"].view(shape)
+        exp_avg_sq = state["exp_avg_sq"].view(shape)
+        new: list[Optional[Tensor]] = list(old)
+        for i, res in enumerate(results):
+            if res is None:
+                continue
+            q_new, order = res
+            if q_new is None:  # the QR failed even in float64: keep the previous basis, unpermuted
+                state["fallbacks"] = state.get("fallbacks", 0) + 1
+                continue
+            exp_avg_sq = exp_avg_sq.index_select(i, order)
+            new[i] = q_new.to(old[i].dtype)
+        state["last_refresh"] = state["step"]
+        if all(a is b for a, b in zip(new, old)):
+            return
+        moved = exp_avg
+        for i, (q_old, q_new) in enumerate(zip(old, new)):
+            if q_new is not q_old:
+                moved = _carry(moved, q_old, q_new, i)
+        state["exp_avg"].view(shape).copy_(moved)
+        state["exp_avg_sq"].view(shape).copy_(exp_avg_sq)
+        for q_old, q_new in zip(old, new):
+            if q_new is not None and q_new is not q_old:
+                q_old.copy_(q_new)  # in place: stacked views of the bases stay valid
+
+    def _rotate(self, xs: list[Tensor], bases: list[list[Optional[Tensor]]], transpose: bool) -> list[Tensor]:
+        """:func:`project` over a list; same-shaped matrices on an accelerator go as one bmm stack."""
+        out: list[Optional[Tensor]] = [None] * len(xs)
+        buckets: dict[Any, list[int]] = {}
+        for i, (x, b) in enumerate(zip(xs, bases)):
+            stackable = x.dim() == 2 and (x.device.type != "cpu" or self._stack_on_cpu)
+            if stackable and any(q is not None for q in b):
+                key = (tuple(x.shape), tuple(q is None for q in b), x.device, x.dtype)
+                bucket = buckets.setdefault(key, [])
+                if (len(bucket) + 1) * x.numel() <= _STACK_MAX_TOTAL:
+                    bucket.append(i)
+                    continue
+            out[i] = project(x, b, transpose)
+        for key, idx in buckets.items():
+            if len(idx) == 1:
+                out[idx[0]] = project(xs[idx[0]], bases[idx[0]], transpose)
+                continue
+            left = self._stacked([bases[i][0] for i in idx], bases, idx, 0)
+            right = self._stacked([bases[i][1] for i in idx], bases, idx, 1)
+            y = project_matrices(torch.stack([xs[i] for i in idx]), left, right, transpose)
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return out  # type: ignore[return-value]
+
+    def _stacked(
+        self, qs: list[Optional[Tensor]], bases: list[list[Optional[Tensor]]], idx: list[int], side: int
+    ) -> Optional[Tensor]:
+        """The bases ``qs`` as one (B, d, d) tensor; the state's bases become views of it, so the
+        stack is built once and kept up to date by the in-place refreshes."""
+        if qs[0] is None:
+            return None
+        first = qs[0]
+        buf = first._base
+        if (
+            buf is not None
+            and buf.dim() == 3
+            and buf.shape[0] == len(qs)
+            and all(q._base is buf and q.data_ptr() == buf[j].data_ptr() for j, q in enumerate(qs))
+        ):
+            return buf
+        buf = torch.stack(qs)  # type: ignore[arg-type]
+        for j, i in enumerate(idx):
+            bases[i][side] = buf[j]
+        return buf
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but keeps float32 state of bf16/fp16 parameters in float32 (torch would
+        cast every floating state tensor to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                if p.dtype in _LOW_PRECISION and pid in saved:
+                    self.state[p] = _to_device(saved[pid], p.device)
+
+    # -------------------------------------------------------------------------------- health
+    def _param_health(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
+        """Per factor (``L``/``R`` for matrices, ``F0``, ``F1``, ... otherwise): ``_cond`` and
+        ``_eig_min_over_eps`` from the eigenvalue estimates diag(Qᵀ F Q) (exact right after a
+        refresh), ``_staleness`` = ‖offdiag(Qᵀ F Q)‖_F / ‖offdiag(F)‖_F; ``steps_since_refresh``,
+        ``fallbacks``, ``nonfinite_skips``; and Adam's statistics in the rotated basis: ``eff_lr_*``
+        = η·√(1−β2ᵗ)/(1−β1ᵗ)/(√V + ε), ``eps_frac``, ``update_rms``, ``update_to_weight``."""
+        out: dict[str, float] = {
+            "fallbacks": float(state.get("fallbacks", 0)),
+            "nonfinite_skips": float(state.get("nonfinite_skips", 0)),
+        }
+        if "step" not in state:
+            return out
+        t, shape, eps = state["step"], self._work_shape(p, group), group["eps"]
+        if any(f is not None for f in state["factors"]):
+            out["steps_since_refresh"] = float(t - state["last_refresh"])
+        names = ["L", "R"] if len(shape) == 2 else [f"F{i}" for i in range(len(shape))]
+        for name, f, q in zip(names, state["factors"], state["bases"]):
+            if f is not None:
+                out.update(_factor_health(name, f, q, eps))
+        if t < 1:
+            return out
+        beta1, beta2 = group["betas"]
+        scale = group["lr"]
+        if group["correct_bias"]:
+            scale = scale * ((1.0 - beta2**t) ** 0.5) / (1.0 - beta1**t)
+        sqrt_v = state["exp_avg_sq"].float().sqrt()
+        out.update(quantile_stats("eff_lr", scale / (sqrt_v + eps)))
+        out["eps_frac"] = (sqrt_v < eps).float().mean().item()
+        direction = (state["exp_avg"].float() / (sqrt_v + eps)).view(shape)
+        bases = [None if q is None else q.float() for q in state["bases"]]
+        n = project(direction, bases, transpose=False).reshape(p.shape)
+        if group["normalize_grads"]:
+            n = n / (n.pow(2).mean().sqrt() + 1e-30)
+        out.update(update_stats(p, scale * n))
+        return out
+
+
+def _factor_health(name: str, factor: Tensor, basis: Tensor, eps: float) -> dict[str, float]:
+    f = factor.double()
+    q = basis.double()
+    a = q.T @ f @ q
+    d = a.diagonal()
+    off_a = (a.pow(2).sum() - d.pow(2).sum()).clamp_min(0).sqrt().item()
+    off_f = (f.pow(2).sum() - f.diagonal().pow(2).sum()).clamp_min(0).sqrt().item()
+    lo, hi = d.abs().min().item(), d.abs().max().item()
+    return {
+        f"{name}_cond": hi / lo if lo > 0 else (0.0 if hi == 0 else float("inf")),
+        f"{name}_eig_min_over_eps": d.min().item() / eps,
+        f"{name}_staleness": off_a / off_f if off_f > 0 else 0.0,
+    }
+
+
+def _mul_along(x: Tensor, a: Tensor, dim: int) -> Tensor:
+    """Multiply dimension ``dim`` of ``x`` by the matrix ``a`` (``a @ x`` for dim 0 of a matrix)."""
+    if x.dim() == 2:
+        return a @ x if dim == 0 else x @ a.T
+    if x.dim() == 1:
+        return a @ x
+    return torch.movedim(torch.tensordot(a, x, dims=([1], [dim])), 0, dim)
+
+
+def _carry(m: Tensor, q_old: Tensor, q_new: Tensor, dim: int) -> Tensor:
+    """M (in the old basis along ``dim``) into the new one: Q_newᵀ (Q_old M).
+
+    Done as (Q_newᵀ Q_old) M when that is cheaper (d² < numel: 2d³ + 2d·numel flops instead of
+    4d·numel), e.g. the small side of a tall matrix; equal up to rounding.
+    """
+    d = q_old.shape[0]
+    if d * d < m.numel():
+        return _mul_along(m, q_new.T @ q_old, dim)
+    return _mul_along(_mul_along(m, q_old, dim), q_new.T, dim)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
