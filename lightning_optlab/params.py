@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["ROLES", "DECAYED_ROLES", "classify_parameters", "group_parameters", "validate_role"]
+__all__ = ["ROLES", "DECAYED_ROLES", "classify_parameters", "group_parameters", "readout_module_name", "validate_role"]
 
 #: every role, in the order groups are built
 ROLES: tuple[str, ...] = ("embedding", "hidden", "readout", "norm", "bias")
@@ -51,7 +51,7 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or "Norm" in type(module).__name__
 
 
-def _readout_module_name(model: nn.Module) -> str | None:
+def readout_module_name(model: nn.Module) -> str | None:
     """The qualified name of the module producing the logits, or None."""
     last_linear = None
     for name, module in model.named_modules():
@@ -91,7 +91,7 @@ def classify_parameters(
         except re.error as err:
             raise ValueError(f"role override pattern {pattern!r} is not a valid regex: {err}") from None
 
-    readout = _readout_module_name(model)
+    readout = readout_module_name(model)
     owner: dict[int, tuple[str, nn.Module]] = {}
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):

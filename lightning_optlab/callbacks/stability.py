@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ..params import _readout_module_name, classify_parameters
+from ..params import readout_module_name, classify_parameters
 
 __all__ = ["StabilityMonitor", "LossSpikeDetector", "logit_stats"]
 
@@ -187,7 +187,7 @@ class StabilityMonitor(Callback):
             for _, module in pl_module.named_modules():
                 if isinstance(getattr(module, "optlab_readout", None), str):
                     return module
-        name = self.readout if self.readout is not None else _readout_module_name(pl_module)
+        name = self.readout if self.readout is not None else readout_module_name(pl_module)
         if name is None:
             rank_zero_warn("StabilityMonitor: no readout module found; pass readout='<module name>'")
             return None
