@@ -1,0 +1,233 @@
+"""Run lm-eval tasks on an in-memory model: task loading (local or hub), hub checks, metrics, tables.
+
+No Lightning import: the callback, the CLI and the demo all call :func:`run_tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import torch
+
+from .adapter import ModuleLM
+
+__all__ = ["HubUnreachableError", "hub_reachable", "offline_help", "TaskSet", "run_tasks", "metrics_from_results",
+           "format_table", "write_results"]
+
+#: where the hub is (``HF_ENDPOINT`` overrides it, as in ``huggingface_hub``)
+DEFAULT_HUB = "https://huggingface.co"
+
+
+class HubUnreachableError(RuntimeError):
+    """lm-eval's built-in tasks need the Hugging Face hub and it cannot be reached."""
+
+
+def offline_help(tasks: Sequence[str]) -> str:
+    """How to evaluate without network (the text of :class:`HubUnreachableError`)."""
+    return (
+        f"tasks {list(tasks)} read their data from the Hugging Face hub, which cannot be reached from here. "
+        "Provide local data instead: download ARC (ARC-V1-Feb2018), HellaSwag (hellaswag_val.jsonl) and MMLU "
+        "(data/ of data.tar) elsewhere, then run `optlab eval prepare --arc ARC-V1-Feb2018 --hellaswag DIR "
+        "--mmlu data --out TASK_DIR` (or `optlab eval prepare --samples --out TASK_DIR` for the shipped "
+        "samples) and pass `task_dir=TASK_DIR` (ZeroShotEval) / `--task-dir TASK_DIR` (optlab eval). "
+        "If the hub datasets are already in the local Hugging Face cache, set HF_DATASETS_OFFLINE=1 and "
+        "HF_HUB_OFFLINE=1 to use the cache."
+    )
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+               for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (``HF_ENDPOINT`` or huggingface.co) opens within ``timeout`` s.
+
+    The connection (name lookup included, which ignores socket timeouts) runs in a daemon thread,
+    so the answer comes within ``timeout`` seconds even when the network drops packets silently.
+    """
+    url = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_HUB))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="optlab-hub-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _task_manager(task_dir: str | Path | None, tasks: Sequence[str]) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is None:
+        if not _offline_env() and not hub_reachable():
+            raise HubUnreachableError(offline_help(tasks))
+        return TaskManager()
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"task_dir {task_dir} is not a folder; create it with `optlab eval prepare` "
+                                "(lightning_optlab.eval.prepare_tasks)")
+    # Only the local definitions: no built-in index (13 s), no hub.
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise ValueError(f"tasks {missing} are not defined in {task_dir}; it defines: "
+                         f"{', '.join(t for t in manager.all_tasks if not t.startswith('mmlu_')) or 'nothing'}")
+    return manager
+
+
+def _rng_state() -> tuple[Any, ...]:
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Any, ...]) -> None:
+    import numpy as np
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
+class TaskSet:
+    """lm-eval tasks loaded once (datasets read, prompts configured), to evaluate several models.
+
+    Args: as :func:`run_tasks`. Loading reads the data (local files, or the hub: see ``task_dir``).
+    """
+
+    def __init__(self, tasks: Sequence[str], *, task_dir: str | Path | None = None, num_fewshot: int = 0,
+                 fewshot_seed: int = 1234) -> None:
+        self.names = list(tasks)
+        if not self.names:
+            raise ValueError("tasks is empty: name at least one lm-eval task, e.g. ['arc_easy']")
+        if num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be ≥ 0, got {num_fewshot}")
+        self.task_dir = task_dir
+        self.num_fewshot = num_fewshot
+        manager = _task_manager(task_dir, self.names)
+        try:
+            self.loaded = manager.load(self.names)
+        except Exception as err:  # datasets / hub errors with the cache-only env vars set
+            if task_dir is None and _is_network_error(err):
+                raise HubUnreachableError(offline_help(self.names)) from err
+            raise
+        for task in self.loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=num_fewshot)
+            task.set_fewshot_seed(seed=fewshot_seed)
+
+
+def run_tasks(lm: ModuleLM, tasks: Sequence[str] | TaskSet, *, task_dir: str | Path | None = None,
+              limit: int | float | None = None, num_fewshot: int = 0, fewshot_seed: int = 1234
+              ) -> dict[str, Any] | None:
+    """Evaluate ``lm`` on lm-eval ``tasks``; lm-eval's results dict on rank 0, ``None`` on other ranks.
+
+    Args:
+        lm: the model (a :class:`ModuleLM`; its ``rank``/``world_size`` shard the documents).
+        tasks: task or group names (``arc_easy``, ``mmlu``, ...), or a :class:`TaskSet` loaded before.
+        task_dir: a folder made by :func:`~lightning_optlab.eval.prepare_tasks` (offline); ``None`` uses
+            lm-eval's built-in tasks, which read the hub: if it cannot be reached (and neither
+            ``HF_DATASETS_OFFLINE`` nor ``HF_HUB_OFFLINE`` is set) this raises
+            :class:`HubUnreachableError` within seconds.
+        limit: documents per task (an int), or a fraction of each task (a float < 1).
+        num_fewshot: examples in the prompt (0: zero-shot, as the studies evaluate).
+        fewshot_seed: seed of the few-shot sampler.
+
+    The global random states (Python, NumPy, torch) are restored afterwards, so evaluating in the
+    middle of training leaves the training run's random stream as it was.
+    """
+    from lm_eval.evaluator import evaluate
+
+    if limit is not None and not (limit > 0):
+        raise ValueError(f"limit must be > 0 (documents per task, or a fraction < 1), got {limit}")
+    state = _rng_state()
+    start = time.perf_counter()
+    try:
+        suite = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks, task_dir=task_dir, num_fewshot=num_fewshot,
+                                                                 fewshot_seed=fewshot_seed)
+        results = evaluate(lm=lm, task_dict=suite.loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+    finally:
+        _set_rng_state(state)
+    if results is None:
+        return None
+    results = dict(results)
+    results["config"] = {"model": type(lm.model).__name__, "batch_size": lm.batch_size, "max_length": lm.max_length,
+                         "limit": limit, "num_fewshot": suite.num_fewshot,
+                         "task_dir": str(suite.task_dir) if suite.task_dir else None, "world_size": lm.world_size,
+                         "seconds": time.perf_counter() - start}
+    return results
+
+
+def _is_network_error(err: BaseException) -> bool:
+    while err is not None:
+        module = type(err).__module__.split(".")[0]
+        if isinstance(err, (ConnectionError, TimeoutError)) or module in {"huggingface_hub", "requests", "httpx",
+                                                                          "urllib3", "datasets"}:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def metrics_from_results(results: dict[str, Any], tasks: Sequence[str], prefix: str = "eval") -> dict[str, float]:
+    """``{"eval/<task>/acc": ..., "eval/<task>/acc_norm": ...}`` for the requested tasks and groups.
+
+    A group (``mmlu``) gives its aggregate ``acc`` (lm-eval's size-weighted mean over subjects).
+    """
+    out: dict[str, float] = {}
+    table = results.get("results", {})
+    for task in tasks:
+        row = table.get(task)
+        if row is None:
+            raise KeyError(f"lm-eval returned no results for {task!r}; it returned {sorted(table)}")
+        for metric in ("acc", "acc_norm"):
+            value = row.get(f"{metric},none")
+            if isinstance(value, (int, float)):
+                out[f"{prefix}/{task}/{metric}"] = float(value)
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], tasks: Sequence[str], prefix: str = "eval") -> str:
+    """A markdown table: one row per model, ``acc`` (and ``acc_norm``) per task."""
+    header = ["model"]
+    cols = []
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            key = f"{prefix}/{task}/{metric}"
+            if any(key in r for r in rows.values()):
+                header.append(f"{task} {metric}")
+                cols.append(key)
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(cols) + "|"]
+    for name, r in rows.items():
+        lines.append("| " + " | ".join([name] + [f"{r[c]:.3f}" if c in r else "-" for c in cols]) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Write lm-eval's results dict as JSON (atomically), as lm-eval's own CLI writes it."""
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
