@@ -137,7 +137,7 @@ def test_raise_names_parameter_and_step_before_the_update(tmp_path):
     rec = Recorder()
     module = _module()
     with pytest.raises(NonFiniteError, match=r"gradient at step 3 .*model\.lm_head\.weight \(nan\)"):
-        _trainer(tmp_path, [rec, NaNGradient(at=3), NonFiniteGuard("raise")], max_steps=5).fit(module, _data())
+        _trainer(tmp_path, [rec, NaNGradient(at=3), NonFiniteGuard("raise", check_every_n_steps=1)], max_steps=5).fit(module, _data())
     params_before, _, _ = rec.before[3]
     for name, p in module.named_parameters():
         assert torch.equal(p, params_before[name]), f"{name} was updated although its gradient was NaN"
@@ -145,7 +145,7 @@ def test_raise_names_parameter_and_step_before_the_update(tmp_path):
 
 def test_raise_on_a_nonfinite_update_from_finite_gradients(tmp_path):
     with pytest.raises(NonFiniteError, match=r"update after the update at step 2 .*parameter model\."):
-        _trainer(tmp_path, [InfiniteLR(at=2), NonFiniteGuard("raise")], max_steps=4).fit(_module(), _data())
+        _trainer(tmp_path, [InfiniteLR(at=2), NonFiniteGuard("raise", check_every_n_steps=1)], max_steps=4).fit(_module(), _data())
 
 
 def test_raise_on_nonfinite_optimizer_state(tmp_path):
@@ -156,7 +156,7 @@ def test_raise_on_nonfinite_optimizer_state(tmp_path):
                 _raw(trainer).state[p]["exp_avg_sq"].view(-1)[0] = math.inf
 
     with pytest.raises(NonFiniteError, match=r"optimizer state after the update at step 2 .*'exp_avg_sq' of model\.lm_head"):
-        _trainer(tmp_path, [PoisonState(), NonFiniteGuard("raise")], max_steps=4).fit(_module(), _data())
+        _trainer(tmp_path, [PoisonState(), NonFiniteGuard("raise", check_every_n_steps=1)], max_steps=4).fit(_module(), _data())
 
 
 # --- skip -----------------------------------------------------------------------------------------
@@ -278,3 +278,42 @@ def test_events_round_trip_through_state_dict():
     other = NonFiniteGuard("skip")
     other.load_state_dict(copy.deepcopy(guard.state_dict()))
     assert other.events == guard.events
+
+
+# --- defaults, the fast check's overflow, and checkpoints ------------------------------------------
+
+
+def test_default_rate_depends_on_the_action():
+    assert NonFiniteGuard().check_every_n_steps == 10  # raise: a NaN in the weights stays, found later
+    assert NonFiniteGuard("skip").check_every_n_steps == 1  # every bad update must be caught to be undone
+    assert NonFiniteGuard("stop").check_every_n_steps == 1
+    assert NonFiniteGuard("raise", check_every_n_steps=3).check_every_n_steps == 3
+
+
+def test_fast_check_overflow_is_confirmed_not_reported():
+    # 1-norms of these overflow float32 (and float16), but every value is finite
+    ts = [torch.full((4, 4), 3e38), torch.full((8,), 6e4).half(), torch.randn(3, dtype=torch.float64)]
+    assert torch.isinf(torch.stack(torch._foreach_norm(ts[:1], 1)).sum())
+    assert nonfinite_indices(ts) == []
+    ts[1][5] = -math.inf
+    assert nonfinite_indices(ts) == [1]
+
+
+def test_default_raise_finds_a_nan_at_the_next_checked_step(tmp_path):
+    # a NaN gradient at step 3 poisons the readout; the default guard (every 10th step) finds it at 10
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 10 .*up to 9 steps earlier"):
+        _trainer(tmp_path, [NaNGradient(at=3), NonFiniteGuard()], max_steps=12).fit(_module(), _data(12))
+
+
+def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path):
+    # checked only every 10 steps, the NaN of step 3 would reach the checkpoint of step 4: refused
+    ckpt_dir = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    guard = NonFiniteGuard("raise")
+    trainer = _trainer(tmp_path, [NaNGradient(at=3), guard, saver], max_steps=8, enable_checkpointing=True)
+    with pytest.raises(NonFiniteError, match="checkpoint was not written"):
+        trainer.fit(_module(), _data())
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step=2.ckpt"]
+    good = torch.load(ckpt_dir / "step=2.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+    assert guard.events[-1]["where"] == "checkpoint" and guard.events[-1]["step"] == 4
