@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlparse
 
 import torch
 
@@ -49,21 +47,26 @@ def _offline_env() -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (``HF_ENDPOINT`` or huggingface.co) opens within ``timeout`` s.
+    """Whether the hub (``HF_ENDPOINT`` or huggingface.co) answers an HTTP ``HEAD`` within ``timeout`` s.
 
-    The connection (name lookup included, which ignores socket timeouts) runs in a daemon thread,
-    so the answer comes within ``timeout`` seconds even when the network drops packets silently.
+    Any HTTP answer counts (an error status too: the server is there). The request (name lookup
+    included, which ignores socket timeouts) runs in a daemon thread, so the answer comes within
+    ``timeout`` seconds even when the network drops packets silently or a middlebox accepts the
+    connection and never answers.
     """
-    url = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_HUB))
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("HF_ENDPOINT", DEFAULT_HUB).rstrip("/") + "/api/datasets?limit=1"
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
                 result.append(True)
-        except OSError:
+        except urllib.error.HTTPError:
+            result.append(True)
+        except (OSError, ValueError):
             result.append(False)
 
     thread = threading.Thread(target=probe, daemon=True, name="optlab-hub-probe")
