@@ -134,3 +134,21 @@ def test_arguments_are_checked(model):
         ModuleLM(model, ByteTokenizer(), batch_size=0)
     with pytest.raises(ValueError, match="eos_token_id"):
         ModuleLM(model, type("Tok", (), {"encode": lambda s, t: [], "decode": lambda s, i: ""})())
+
+
+def test_adapter_runner_and_cli_import_no_lightning():
+    import subprocess
+    import sys
+
+    code = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('lightning', 'pytorch_lightning'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import lightning_optlab.eval, lightning_optlab.eval.cli, lightning_optlab.eval.run, lightning_optlab.eval.tasks
+print('ok')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,74 @@
+"""`optlab eval` on a saved CausalLMModule checkpoint (weights_only loading) and `optlab eval prepare`."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_optlab.configure import OptimizerSpec
+from lightning_optlab.data.tokenizer import ByteTokenizer
+from lightning_optlab.eval import ModuleLM, metrics_from_results, run_tasks
+from lightning_optlab.eval.cli import main
+from lightning_optlab.lit import CausalLMModule
+
+torch.set_num_threads(1)
+TASKS = ["arc_easy", "arc_challenge", "hellaswag", "mmlu"]
+
+
+class Opaque:  # an object that only a full unpickling can rebuild
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    module = CausalLMModule({"preset": "gpt2-tiny", "vocab_size": 257, "block_size": 32, "n_layer": 1},
+                            OptimizerSpec(name="adamw", lr=1e-3))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer.fit(module, DataLoader(list(torch.randint(0, 257, (4, 33))), batch_size=2))
+    (root / "ckpts").mkdir()
+    trainer.save_checkpoint(root / "ckpts" / "last.ckpt")
+    ByteTokenizer().save(root / "tokenizer.json")  # where LMDataModule writes it: beside the run
+    tasks = root / "tasks"
+    assert main(["prepare", "--samples", "--out", str(tasks)]) == 0
+    return root, module, tasks
+
+
+def test_eval_prints_the_table_of_the_checkpoints_model(run, capsys, tmp_path):
+    root, module, tasks = run
+    out = tmp_path / "results.json"
+    assert main(["--ckpt", str(root / "ckpts" / "last.ckpt"), "--task-dir", str(tasks), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| last.ckpt |" in printed and "arc_easy acc_norm" in printed and "mmlu acc" in printed
+    saved = json.loads(out.read_text())
+    ours = metrics_from_results(saved, TASKS)
+    direct = metrics_from_results(run_tasks(ModuleLM(module.model, ByteTokenizer()), TASKS, task_dir=tasks), TASKS)
+    assert ours == pytest.approx(direct)
+    for key, value in ours.items():
+        assert f"{value:.3f}" in printed, key
+
+
+def test_unsafe_checkpoint_needs_an_explicit_opt_in(run, capsys, tmp_path):
+    root, _, tasks = run
+    ckpt = torch.load(root / "ckpts" / "last.ckpt", weights_only=True)
+    ckpt["extra"] = Opaque()
+    torch.save(ckpt, tmp_path / "unsafe.ckpt")
+    args = ["--ckpt", str(tmp_path / "unsafe.ckpt"), "--tokenizer", "bytes", "--task-dir", str(tasks),
+            "--tasks", "arc_easy", "--limit", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "weights_only=True refuses" in err and "--trust-checkpoint" in err
+    assert main(args + ["--trust-checkpoint"]) == 0
+
+
+def test_prepare_and_eval_report_bad_input(tmp_path, capsys):
+    assert main(["prepare", "--out", str(tmp_path / "t")]) == 2
+    assert "nothing to prepare" in capsys.readouterr().err
+    assert main(["prepare", "--arc", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert "ARC-Easy-Test.jsonl" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
