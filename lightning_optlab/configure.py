@@ -22,7 +22,7 @@ from .optim.registry import canonical_name, get_optimizer_class
 from .params import DECAYED_ROLES, classify_parameters, group_parameters, validate_role
 from .schedules import ScheduleFactor, build_scheduler
 
-__all__ = ["OptimizerSpec", "MixPart", "configure", "build_optimizer"]
+__all__ = ["OptimizerSpec", "MixPart", "configure", "build_optimizer", "plan_param_groups"]
 
 # Group-level keys a user may override per role; anything else must be an optimizer argument.
 _GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
@@ -101,6 +101,9 @@ class OptimizerSpec:
     mix: list[MixPart] = field(default_factory=list)
     #: other constructor arguments of the optimizer (e.g. {"rho": 0.04} for Sophia)
     hparams: dict[str, Any] = field(default_factory=dict)
+    #: μP: lr, weight decay and ε are the base (proxy) model's, rewritten per parameter by each
+    #: algorithm's rule and width multiplier (``lightning_optlab.mup``); the model needs base shapes
+    mup: bool = False
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
@@ -128,6 +131,14 @@ class OptimizerSpec:
                 "Use schedule='constant' (warmup_steps is still applied)"
             )
         self.mix = [p if isinstance(p, MixPart) else MixPart(**p) for p in self.mix]
+        if not isinstance(self.mup, bool):
+            raise ValueError(f"mup must be true or false, got {self.mup!r}")
+        if self.mup:
+            from .mup.rules import mup_family  # only when μP is asked for
+
+            mup_family(self.name, self.hparams)
+            for part in self.mix:
+                mup_family(part.optimizer, part.hparams)
         claimed: dict[str, str] = {}
         for part in self.mix:
             for role in part.roles:
@@ -199,6 +210,21 @@ def _model_of(module_or_model: Any) -> nn.Module:
 
 def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """The optimizer (an :class:`OptimizerMix` when ``spec.mix`` is set) for ``spec``."""
+    plan = plan_param_groups(module_or_model, spec, stacklevel=4)
+    children = [cls(groups, **kwargs) for cls, _, groups, kwargs in plan]
+    if len(children) == 1:
+        return children[0]
+    return OptimizerMix(children, names=[name for _, name, _, _ in plan])
+
+
+def plan_param_groups(
+    module_or_model: nn.Module, spec: OptimizerSpec, *, stacklevel: int = 3
+) -> list[tuple[type, str, list[dict[str, Any]], dict[str, Any]]]:
+    """``[(optimizer class, name, param groups, constructor kwargs)]``: what :func:`build_optimizer` builds.
+
+    The groups are final (per-role overrides, mix-part settings and, with ``spec.mup``, μP's
+    rewrite applied); nothing is constructed, so this also works on a model on the meta device.
+    """
     model = _model_of(module_or_model)
     roles = classify_parameters(model, spec.role_patterns)
     mixed_roles = {role: part for part in spec.mix for role in part.roles}
@@ -207,16 +233,17 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
             warnings.warn(
                 f"mix part {mixed_roles[role].optimizer!r} lists role {role!r}, but the model has no {role} parameters; "
                 f"its roles are: {', '.join(sorted(set(roles.values())))}",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
     groups = group_parameters(model, spec.weight_decay, roles=roles, role_overrides=spec.overrides)
     main_groups = [g for g in groups if g["role"] not in mixed_roles]
-    children, names = [], []
+    plan = []
     if main_groups:
         cls = get_optimizer_class(spec.name)
         kwargs = _constructor_kwargs(cls, spec.name, spec.lr, spec.betas, spec.eps, spec.hparams)
-        children.append(cls(_with_group_momentum(main_groups, kwargs), **kwargs))
-        names.append(spec.name)
+        if spec.mup:
+            main_groups = _mup_groups(cls, spec.name, main_groups, kwargs, spec.lr)
+        plan.append((cls, spec.name, _with_group_momentum(main_groups, kwargs), kwargs))
     for part in spec.mix:
         part_groups = [g for g in groups if g["role"] in part.roles]
         if not part_groups:
@@ -234,11 +261,19 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
         betas = part.betas if part.betas is not None else (spec.betas if inherit_betas else None)
         eps = part.eps if part.eps is not None else (spec.eps if "eps" in main_params and "eps" in part_params else None)
         kwargs = _constructor_kwargs(cls, part.optimizer, part.lr if part.lr is not None else spec.lr, betas, eps, part.hparams)
-        children.append(cls(_with_group_momentum(part_groups, kwargs), **kwargs))
-        names.append(part.optimizer)
-    if len(children) == 1:
-        return children[0]
-    return OptimizerMix(children, names=names)
+        if spec.mup:
+            part_groups = _mup_groups(cls, part.optimizer, part_groups, kwargs, spec.lr)
+        plan.append((cls, part.optimizer, _with_group_momentum(part_groups, kwargs), kwargs))
+    return plan
+
+
+def _mup_groups(cls: type, name: str, groups: list[dict[str, Any]], kwargs: Mapping[str, Any], base_lr: float) -> list[dict[str, Any]]:
+    """μP's rewrite of ``groups`` (lr, weight decay, ε by role and width multiplier) for optimizer ``name``."""
+    from .mup.rules import apply_mup_to_groups  # the mup package only when μP is asked for
+
+    defaults = {k: v.default for k, v in _init_parameters(cls).items() if v.default is not inspect.Parameter.empty}
+    defaults.update(kwargs)
+    return apply_mup_to_groups(name, groups, defaults, base_lr=base_lr)
 
 
 def _with_group_momentum(groups: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import lightning as L
@@ -27,6 +28,12 @@ class CausalLMModule(L.LightningModule):
             has ``loss(logits, targets)`` (z-loss, ...) that is the training loss.
         optimizer: the :class:`OptimizerSpec` (name, lr, betas, schedule, per-role overrides, mix).
         sophia_seed: seed of the label sampling of Sophia-G's estimator (offset by the step).
+        mup: μP's base: a base width, the proxy (preset name / config / mapping), or ``{"base": ...}`` as
+            ``optlab mup transfer`` writes it. A preset model is then built by
+            :func:`lightning_optlab.mup.build_mup_model` in ``configure_model`` (μP config, base shapes,
+            fan-in init) and the optimizer spec gets ``mup=True``. The base shapes are recomputed from
+            the config at every start and stored in checkpoints; a resume with other base shapes fails.
+            With an ``nn.Module`` model the base shapes are attached as given (no re-initialization).
 
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
     (token-weighted, through torchmetrics). Sophia's Gauss-Newton-Bartlett estimator runs from the
@@ -34,16 +41,32 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
-                 sophia_seed: int = 0) -> None:
+                 sophia_seed: int = 0, mup: Any = None) -> None:
         super().__init__()
+        if isinstance(mup, Mapping) and "base" in mup:
+            extra = sorted(set(mup) - {"base"})
+            if extra:
+                raise ValueError(f"mup takes {{'base': ...}} only, got extra keys {extra}")
+            mup = mup["base"]
+        self.mup_base = mup
+        spec = optimizer or OptimizerSpec()
+        if mup is not None and not spec.mup:
+            spec = dataclasses.replace(spec, mup=True)
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model
             self._model_spec = None
+            if mup is not None:
+                from ..mup import set_base_shapes
+
+                set_base_shapes(model, mup)
         else:
             self.model = None
             self._model_spec = model
-            self.save_hyperparameters({"model": model if isinstance(model, (str, Mapping)) else repr(model)})
-        self.spec = optimizer or OptimizerSpec()
+            hparams = {"model": model if isinstance(model, (str, Mapping)) else repr(model)}
+            if mup is not None:
+                hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
+            self.save_hyperparameters(hparams)
+        self.spec = spec
         self.sophia_seed = sophia_seed
         self.tokens_seen = 0
         self.val_loss = MeanMetric()
@@ -62,7 +85,12 @@ class CausalLMModule(L.LightningModule):
             vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None:
             overrides["vocab_size"] = vocab
-        self.model = build_model(self._model_spec, **overrides)
+        if self.mup_base is not None:
+            from ..mup import build_mup_model
+
+            self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
+        else:
+            self.model = build_model(self._model_spec, **overrides)
 
     def forward(self, idx: Tensor) -> Tensor:
         if self.model is None:
@@ -108,6 +136,18 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
+        if self.spec.mup and self.model is not None:
+            from ..mup import base_shapes_state
+
+            checkpoint["optlab_mup_base_shapes"] = base_shapes_state(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("optlab_tokens_seen", 0))
+        saved = checkpoint.get("optlab_mup_base_shapes")
+        if saved is not None and self.model is not None:
+            if not self.spec.mup:
+                raise ValueError("this checkpoint was trained with μP; resume with the same `mup` base "
+                                 "(CausalLMModule(..., mup=...)) so the per-group learning rates match")
+            from ..mup import check_base_shapes
+
+            check_base_shapes(self.model, saved)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import GPTConfig, LlamaConfig, TransformerConfig
 from .layers import CausalSelfAttention, apply_rotary, rotary_cos_sin
-from .presets import PRESETS, available_presets, build_model, preset_config, register_preset
+from .presets import PRESETS, available_presets, build_model, preset_config, register_preset, resolve_config
 from .transformer import GPT, Llama, TransformerLM
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "available_presets",
     "preset_config",
     "register_preset",
+    "resolve_config",
     "build_model",
     "set_record_max_logit",
     "max_attention_logits",

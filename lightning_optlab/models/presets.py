@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from .config import GPTConfig, LlamaConfig, TransformerConfig
 from .transformer import GPT, Llama, TransformerLM
 
-__all__ = ["PRESETS", "available_presets", "preset_config", "register_preset", "build_model"]
+__all__ = ["PRESETS", "available_presets", "preset_config", "register_preset", "resolve_config", "build_model"]
 
 #: preset name -> config (use :func:`preset_config` for a copy you may change)
 PRESETS: dict[str, TransformerConfig] = {}
@@ -84,6 +84,22 @@ def _config_from_mapping(spec: Mapping[str, Any]) -> TransformerConfig:
     return _with_overrides(classes[family](), spec)
 
 
+def resolve_config(name_or_config: str | TransformerConfig | Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """The validated config :func:`build_model` would build, without building it.
+
+    Takes what :func:`build_model` takes (a preset name, a config, or a mapping) plus field overrides.
+    """
+    if isinstance(name_or_config, str):
+        return _with_overrides(preset_config(name_or_config), overrides)
+    if isinstance(name_or_config, TransformerConfig):
+        return _with_overrides(name_or_config, overrides)
+    if isinstance(name_or_config, Mapping):
+        return _with_overrides(_config_from_mapping(name_or_config), overrides)
+    raise TypeError(
+        f"build_model takes a preset name, a TransformerConfig or a mapping, got {type(name_or_config).__name__}"
+    )
+
+
 def build_model(name_or_config: str | TransformerConfig | Mapping[str, Any], **overrides: Any) -> TransformerLM:
     """Build a model from a preset name, a config, or a mapping, with field overrides.
 
@@ -102,16 +118,7 @@ def build_model(name_or_config: str | TransformerConfig | Mapping[str, Any], **o
         >>> model = build_model("llama-tiny", vocab_size=512)
         >>> model = build_model("gpt2-150m", qk_layernorm=True, z_loss=1e-4)  # the studies' "standard"
     """
-    if isinstance(name_or_config, str):
-        config = _with_overrides(preset_config(name_or_config), overrides)
-    elif isinstance(name_or_config, TransformerConfig):
-        config = _with_overrides(name_or_config, overrides)
-    elif isinstance(name_or_config, Mapping):
-        config = _with_overrides(_config_from_mapping(name_or_config), overrides)
-    else:
-        raise TypeError(
-            f"build_model takes a preset name, a TransformerConfig or a mapping, got {type(name_or_config).__name__}"
-        )
+    config = resolve_config(name_or_config, **overrides)
     if isinstance(config, LlamaConfig):
         return Llama(config)
     if isinstance(config, GPTConfig):

@@ -8,6 +8,7 @@ FLOPs for throughput/MFU. Plain PyTorch, no Lightning.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class TransformerLM(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, fan_in_mults: Mapping[str, float] | None = None) -> None:
         """(Re-)initialize every parameter; call it after ``to_empty()`` on a meta-built model.
 
         Linear and embedding weights ~ N(0, init_std²), biases 0, norm weights 1 (GPT-2,
@@ -61,9 +62,16 @@ class TransformerLM(nn.Module):
         residual stream (``attn.o_proj``, ``mlp.down_proj``) get std init_std / sqrt(2·n_layer),
         so the residual stream's variance stays O(1) over the 2·n_layer branches (GPT-2 §2.3).
         μP options (Yang et al. 2022, Tensor Programs V, §D.2): ``zero_readout`` and ``zero_query``
-        zero the readout and the query projections.
+        zero the readout and the query projections; ``fan_in_mults`` (``{parameter name: fan-in
+        width multiplier}``, as :func:`lightning_optlab.mup.set_base_shapes` derives it) divides the
+        std of the named hidden matrices by sqrt(multiplier): variance ∝ 1/fan_in, equal to the plain
+        init at the base width (Tensor Programs V, Table 3).
         """
         cfg = self.config
+        mults = dict(fan_in_mults or {})
+        unknown = sorted(set(mults) - {n for n, _ in self.named_parameters()})
+        if unknown:
+            raise ValueError(f"fan_in_mults names unknown parameters {unknown[:3]}; names look like 'blocks.0.attn.q_proj.weight'")
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
@@ -79,6 +87,9 @@ class TransformerLM(nn.Module):
                     nn.init.normal_(proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
             if cfg.zero_query:
                 nn.init.zeros_(block.attn.q_proj.weight)
+        for name, p in self.named_parameters():
+            if name in mults and mults[name] != 1.0:
+                p.mul_(1.0 / math.sqrt(mults[name]))
         if cfg.zero_readout:
             nn.init.zeros_(self.lm_head.weight)
 

@@ -1,0 +1,115 @@
+"""Learning-rate transfer under μP vs standard parametrization (SP), for AdamW and Lion.
+
+For each optimizer, parametrization, width and learning rate, trains a tiny LLaMA-style model on
+byte-level batches of the embedded corpus (same seed, same batches) and records the held-out loss.
+Under μP the best learning rate should stay put across widths (Yang et al. 2022, Fig. 1); under SP
+it should move down as width grows. Prints a table and the best LR per width, writes a JSON and a
+plot (``docs/img/mup_lr_transfer.png``).
+
+    OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py            # ~15 min on one core
+    OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_optlab.configure import OptimizerSpec, build_optimizer
+from lightning_optlab.mup.experiment import eval_loss, fixed_batches, train_run, width_model
+
+
+def best_index(losses: list[float]) -> int:
+    finite = [(l if math.isfinite(l) else math.inf) for l in losses]
+    return min(range(len(finite)), key=finite.__getitem__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-tiny")
+    ap.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--base-width", type=int, default=32)
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "lion"])
+    ap.add_argument("--log2-lrs", type=float, nargs="+", default=None, help="log2 of the LRs (default per optimizer)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="docs/img/mup_lr_transfer.png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        args.widths, args.steps = [32, 64], 10
+    grids = {"adamw": [-11, -10, -9, -8, -7, -6, -5], "lion": [-13, -12, -11, -10, -9, -8, -7]}
+    train = fixed_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed)
+    held = fixed_batches(4, 16, args.seq_len, seed=args.seed + 1, offset=1)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for opt_name in args.optimizers:
+        log2s = args.log2_lrs or grids.get(opt_name, grids["adamw"])
+        for mup in (True, False):
+            key = f"{opt_name}/{'mup' if mup else 'sp'}"
+            results[key] = {"log2_lrs": log2s, "widths": args.widths, "loss": {}}
+            for width in args.widths:
+                row = []
+                for lg in log2s:
+                    model = width_model(args.model, width, mup=mup, base_width=args.base_width, seed=args.seed,
+                                        zero_readout=True)
+                    spec = OptimizerSpec(name=opt_name, lr=2.0**lg, betas=(0.9, 0.95) if opt_name == "adamw" else (0.9, 0.99),
+                                         mup=mup)
+                    losses = train_run(model, lambda m: build_optimizer(m, spec), train, args.steps)
+                    ok = len(losses) == args.steps and all(math.isfinite(l) for l in losses)
+                    row.append(eval_loss(model, held) if ok else math.inf)
+                results[key]["loss"][width] = row
+                best = log2s[best_index(row)]
+                print(f"{key:12s} width {width:4d}  best log2(lr) {best:6.1f}  "
+                      + " ".join(f"{l:6.3f}" for l in row) + f"   [{time.perf_counter() - t0:6.0f}s]", flush=True)
+    summary = {}
+    for key, res in results.items():
+        bests = [res["log2_lrs"][best_index(res["loss"][w])] for w in res["widths"]]
+        summary[key] = {"best_log2_lr": dict(zip(res["widths"], bests)), "shift_grid_steps": max(bests) - min(bests)}
+        print(f"{key:12s} best log2(lr) by width {dict(zip(res['widths'], bests))}  spread {max(bests) - min(bests):.0f} grid steps")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results, "summary": summary,
+                                                    "seconds": time.perf_counter() - t0}, indent=1))
+    _plot(results, out)
+    print(f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def _plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        res = results[key]
+        for width in res["widths"]:
+            row = [l if math.isfinite(l) else float("nan") for l in res["loss"][width]]
+            line, = ax.plot(res["log2_lrs"], row, marker="o", ms=3, label=f"width {width}")
+            b = best_index(res["loss"][width])
+            ax.plot([res["log2_lrs"][b]], [row[b]], marker="*", ms=12, color=line.get_color())
+        ax.set_title(key.replace("/", " — ").replace("mup", "μP").replace("sp", "SP"))
+        ax.set_xlabel("log2 learning rate (base)")
+        ax.set_ylabel("held-out loss")
+        finite = [l for w in res["widths"] for l in res["loss"][w] if math.isfinite(l)]
+        if finite:
+            lo = min(finite)
+            ax.set_ylim(lo - 0.05, min(max(finite), lo + 1.5))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""``optlab mup coord-check | transfer | lr-find``: μP from the command line.
+
+``main(argv)`` takes the arguments after ``optlab mup`` and returns the exit status (2 on bad input,
+with the reason on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optlab mup", description="μP: coordinate check, proxy→target transfer, LR finder")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("coord-check", help="activation size vs width for μP and SP after a few steps; writes a PNG")
+    c.add_argument("--model", default="llama-tiny", help="model preset (default llama-tiny); its width is varied")
+    c.add_argument("--optimizer", default="adamw")
+    c.add_argument("--lr", type=float, default=1e-2, help="base learning rate (default 1e-2)")
+    c.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
+    c.add_argument("--base-width", type=int, default=None, help="μP base width (default: the smallest width)")
+    c.add_argument("--steps", type=int, default=3)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seq-len", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--hparams", default="{}", help='optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
+    c.add_argument("--no-zero-readout", action="store_true", help="keep the random readout init (default: zero, TP5's advice)")
+    c.add_argument("--out", default="mup_coord_check.png")
+
+    t = sub.add_parser("transfer", help="write the target recipe from a tuned proxy recipe, print the multipliers")
+    t.add_argument("proxy", help="proxy recipe YAML (model + tuned optimizer)")
+    t.add_argument("--target", required=True, help="target model preset, e.g. llama-2.7b")
+    t.add_argument("--out", required=True, help="target recipe YAML to write (base shapes go beside it as .base_shapes.json)")
+
+    f = sub.add_parser("lr-find", help="LR range test that keeps μP's per-group ratios; prints the base LR")
+    f.add_argument("--model", default="llama-tiny")
+    f.add_argument("--width", type=int, default=None, help="model width (default: the preset's)")
+    f.add_argument("--base-width", type=int, default=None, help="μP base width (default: no μP)")
+    f.add_argument("--optimizer", default="adamw")
+    f.add_argument("--min-lr", type=float, default=1e-5)
+    f.add_argument("--max-lr", type=float, default=1.0)
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--seq-len", type=int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--plot", default=None, help="optional PNG of loss vs base LR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    if torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in __import__("os").environ:
+        torch.set_num_threads(1)
+    try:
+        if args.command == "coord-check":
+            return _coord_check(args)
+        if args.command == "transfer":
+            return _transfer(args)
+        return _lr_find(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"optlab mup {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _coord_check(args: argparse.Namespace) -> int:
+    from .coord import coord_check, coord_ratios, plot_coord_check
+
+    hparams = json.loads(args.hparams)
+    kw: dict[str, Any] = dict(widths=args.widths, base_width=args.base_width, steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, hparams=hparams,
+                              zero_readout=not args.no_zero_readout)
+    groups = {"μP": coord_check(args.model, args.optimizer, mup=True, **kw),
+              "SP": coord_check(args.model, args.optimizer, mup=False, **kw)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_coord_check(groups, str(out), title=f"{args.model}, {args.optimizer}, lr {args.lr:g}: coordinate check")
+    summary = {}
+    for label, recs in groups.items():
+        ratios = coord_ratios(recs, args.steps)
+        summary[label] = ratios
+        worst = max(ratios.values(), key=lambda r: max(r, 1 / r) if r > 0 else float("inf"))
+        print(f"{label}: RMS(width {max(args.widths)}) / RMS(width {min(args.widths)}) after {args.steps} steps: "
+              f"worst {worst:.2f}; " + ", ".join(f"{m} {r:.2f}" for m, r in ratios.items()))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "ratios": summary}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .shapes import mup_config
+    from .transfer import transfer
+
+    proxy = yaml.safe_load(Path(args.proxy).read_text())
+    result = transfer(proxy, args.target)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# μP transfer of {args.proxy} to {args.target} (optlab mup transfer)\n"
+                   + yaml.safe_dump(result["recipe"], sort_keys=False))
+    shapes = out.with_suffix(".base_shapes.json")
+    shapes.write_text(json.dumps(result["base_shapes"], indent=0))
+    proxy_cfg, target_cfg = result["proxy"], result["target"]
+    print(f"proxy width {proxy_cfg.n_embd} ({proxy_cfg.n_layer} layers) → target width {target_cfg.n_embd} "
+          f"({target_cfg.n_layer} layers)")
+    print("width multipliers by role: " + ", ".join(f"{r} {'/'.join(f'{m:g}' for m in ms)}"
+                                                    for r, ms in result["width_mults"].items()))
+    print(f"{'optimizer':10s} {'role':10s} {'lr':>12s} {'weight decay':>13s} {'tensors':>8s}")
+    for name, role, lr, wd, n in result["role_lrs"]:
+        print(f"{name:10s} {role:10s} {lr:12.4g} {wd:13.4g} {n:8d}")
+    mu = mup_config(target_cfg, result["base"])
+    print(f"attention scale {mu.softmax_scale:.4g} (∝ 1/d_head, {mu.head_dim}); logit multiplier {mu.logit_scale:g}")
+    print("not transferred by μP:")
+    for note in result["notes"]:
+        print(f"  - {note}")
+    print(f"wrote {out} and {shapes}")
+    return 0
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from ..configure import OptimizerSpec, build_optimizer
+    from ..models import build_model, resolve_config
+    from .experiment import fixed_batches
+    from .lr_find import lr_range_test
+    from .shapes import build_mup_model
+
+    cfg = resolve_config(args.model)
+    if args.width is not None:
+        cfg = dataclasses.replace(cfg, n_embd=args.width)
+    torch.manual_seed(args.seed)
+    mup = args.base_width is not None
+    model = build_mup_model(cfg, base=args.base_width) if mup else build_model(cfg)
+    spec = OptimizerSpec(name=args.optimizer, lr=1.0, mup=mup)
+    optimizer = build_optimizer(model, spec)
+    batches = fixed_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed)
+    result = lr_range_test(model, optimizer, batches, lambda m, b: m.loss(m(b[:, :-1]), b[:, 1:]), base_lr=1.0,
+                           min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
+    ratios = sorted({round(g.get("mup_lr_ratio", 1.0), 6) for g in optimizer.param_groups})
+    print(f"{args.model} width {cfg.n_embd}{f' (μP, base width {args.base_width})' if mup else ' (SP)'}, {args.optimizer}: "
+          f"{len(optimizer.param_groups)} groups, lr ratios kept: {', '.join(f'{r:g}' for r in ratios)}")
+    if result.suggestion is None:
+        print("no suggestion: the loss diverged within the first steps; lower --min-lr")
+        return 1
+    print(f"suggested base lr (steepest descent): {result.suggestion:.3g}; lowest loss at base lr {result.lr_at_min:.3g}")
+    print("put the base lr in the recipe's optimizer.lr; μP scales each group from it")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        ax.plot(result.lrs, result.losses)
+        ax.axvline(result.suggestion, ls="--", color="gray")
+        ax.set_xscale("log")
+        ax.set_xlabel("base learning rate")
+        ax.set_ylabel("smoothed training loss")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
+    return 0

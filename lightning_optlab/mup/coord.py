@@ -1,0 +1,112 @@
+"""Coordinate check (Yang et al. 2022, "Tensor Programs V", §D.1 / Fig. 5): activation size vs width.
+
+Train a few steps at several widths on one fixed batch and record, before each step, the average
+entry size of every block's output, attention and MLP branches, the embedding output and the
+logits. Under μP the curves are flat in width; under standard parametrization (SP) they grow
+with width (for Adam-like updates, about linearly). Recording uses the `mup` package's hook
+(``mup.coord_check._record_coords``); its plotting needs seaborn, so the plot here is matplotlib.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from mup.coord_check import _record_coords
+from torch import nn
+
+from .experiment import fixed_batches, width_model
+
+__all__ = ["coord_check", "coord_ratios", "plot_coord_check", "COORD_STATS"]
+
+#: statistics recorded per module output: mean |x| (mup's "l1") and the RMS
+COORD_STATS: dict[str, Any] = {"l1": lambda x: x.abs().mean(), "rms": lambda x: x.float().pow(2).mean().sqrt()}
+_MODULES = re.compile(r"^(wte|blocks\.\d+|blocks\.\d+\.(attn|mlp))$")
+
+
+def _watched(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    yield "logits", model
+    for name, module in model.named_modules():
+        if _MODULES.match(name):
+            yield name, module
+
+
+def coord_check(
+    model: str | Mapping[str, Any] = "llama-tiny", optimizer: str = "adamw", *, widths: Sequence[int] = (32, 64, 128, 256),
+    base_width: int | None = None, steps: int = 3, lr: float = 1e-2, mup: bool = True, batch_size: int = 8,
+    seq_len: int = 32, seed: int = 0, hparams: Mapping[str, Any] | None = None, mix: list | None = None,
+    **model_overrides: Any,
+) -> list[dict[str, Any]]:
+    """Train ``steps`` steps at each width and return mup-style records.
+
+    Returns:
+        one dict per (width, module, t): ``{"width", "module", "t", "l1", "rms", "mup"}`` where t is the
+        number of optimizer steps taken before that forward pass (0 = at initialization, ..., steps).
+    """
+    from ..configure import OptimizerSpec, build_optimizer
+
+    base_width = min(widths) if base_width is None else base_width
+    batch = fixed_batches(1, batch_size, seq_len, seed=seed)[0]
+    records: list[dict[str, Any]] = []
+    for width in widths:
+        net = width_model(model, width, mup=mup, base_width=base_width, seed=seed, **model_overrides)
+        spec = OptimizerSpec(name=optimizer, lr=lr, mup=mup, hparams=dict(hparams or {}), mix=list(mix or []))
+        opt = build_optimizer(net, spec)
+        for t in range(steps + 1):
+            mine: list[dict[str, Any]] = []
+            handles = [m.register_forward_hook(_record_coords(mine, width, name, t, output_fdict=COORD_STATS))
+                       for name, m in _watched(net)]
+            logits = net(batch[:, :-1])
+            for h in handles:
+                h.remove()
+            records.extend({**r, "mup": mup} for r in mine)
+            if t == steps:
+                break
+            loss = net.loss(logits, batch[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return records
+
+
+def coord_ratios(records: list[dict[str, Any]], t: int, stat: str = "rms") -> dict[str, float]:
+    """``{module: stat at the widest width / stat at the narrowest}`` at step ``t``."""
+    rows = [r for r in records if r["t"] == t]
+    out = {}
+    for module in sorted({r["module"] for r in rows}):
+        by_width = {r["width"]: float(r[stat]) for r in rows if r["module"] == module}
+        lo, hi = min(by_width), max(by_width)
+        out[module] = by_width[hi] / by_width[lo] if by_width[lo] > 0 else float("inf")
+    return out
+
+
+def plot_coord_check(groups: Mapping[str, list[dict[str, Any]]], path: str, stat: str = "l1", title: str = "") -> None:
+    """One row per parametrization (``{"μP": records, "SP": records}``), one column per step, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["t"] for recs in groups.values() for r in recs})
+    fig, axes = plt.subplots(len(groups), len(steps), figsize=(3.0 * len(steps), 2.8 * len(groups)), squeeze=False,
+                             sharey="row")
+    for row, (label, recs) in enumerate(groups.items()):
+        modules = sorted({r["module"] for r in recs})
+        for col, t in enumerate(steps):
+            ax = axes[row][col]
+            for module in modules:
+                pts = sorted((r["width"], float(r[stat])) for r in recs if r["t"] == t and r["module"] == module)
+                ax.plot([w for w, _ in pts], [v for _, v in pts], marker="o", ms=2, lw=1, label=module)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{label}, step {t}", fontsize=9)
+            ax.set_xlabel("width", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"mean |activation| ({stat})", fontsize=8)
+    axes[0][-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""Small, deterministic training runs for μP checks: byte-level batches of the embedded corpus and a plain loop.
+
+No Lightning, no tokenizer training, no network: tokens are the UTF-8 bytes of CPython's bundled
+documentation (the pack's embedded corpus), so a model with ``vocab_size=256`` reads them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..models import TransformerLM, build_model, resolve_config
+from .shapes import build_mup_model
+
+__all__ = ["corpus_tokens", "fixed_batches", "width_model", "train_run"]
+
+
+def corpus_tokens(limit: int = 2_000_000) -> Tensor:
+    """The embedded corpus as a 1-D uint8-valued long tensor of UTF-8 bytes (first ``limit`` bytes)."""
+    from ..data.corpus import embedded_corpus
+
+    data = "\n\n".join(text for _, text in embedded_corpus()).encode("utf-8")[:limit]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def fixed_batches(n: int, batch_size: int, seq_len: int, seed: int, offset: int = 0) -> list[Tensor]:
+    """``n`` batches ``(batch_size, seq_len + 1)`` of random windows of the corpus (seeded).
+
+    ``offset`` selects the region: windows start in the first 90% of the corpus for offset 0
+    (training) and in the last 10% for offset 1 (held out).
+    """
+    tokens = corpus_tokens()
+    split = int(0.9 * len(tokens))
+    lo, hi = (0, split - seq_len - 1) if offset == 0 else (split, len(tokens) - seq_len - 1)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        starts = torch.randint(lo, hi, (batch_size,), generator=gen)
+        out.append(torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()]))
+    return out
+
+
+def width_model(model: Any, width: int, *, mup: bool, base_width: int, seed: int, **overrides: Any) -> TransformerLM:
+    """``model`` (preset/config/mapping) at ``width`` (head count kept), in μP relative to ``base_width`` or SP."""
+    cfg = resolve_config(model, **overrides)
+    if width % cfg.n_head:
+        raise ValueError(f"width {width} is not divisible by n_head ({cfg.n_head}); pick widths that are")
+    cfg = dataclasses.replace(cfg, n_embd=width)
+    torch.manual_seed(seed)
+    return build_mup_model(cfg, base=base_width) if mup else build_model(cfg)
+
+
+def train_run(
+    model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], batches: Iterator[Tensor] | list[Tensor],
+    steps: int, *, on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train ``steps`` steps on ``batches`` (cycled); return the training losses. Stops early on a non-finite loss."""
+    opt = make_optimizer(model)
+    batches = list(batches)
+    losses = []
+    model.train()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        logits = model(batch[:, :-1])
+        loss = model.loss(logits, batch[:, 1:]) if hasattr(model, "loss") else nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        losses.append(float(loss.detach()))
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batches: list[Tensor]) -> float:
+    """Mean cross-entropy over ``batches`` (no z-loss)."""
+    model.eval()
+    total = 0.0
+    for batch in batches:
+        logits = model(batch[:, :-1])
+        total += float(nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()))
+    model.train()
+    return total / len(batches)

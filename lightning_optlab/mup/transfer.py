@@ -1,0 +1,147 @@
+"""Proxy → target transfer: the tuned proxy recipe becomes the target recipe with the same numbers under μP.
+
+A *recipe* here is a mapping with a model and an optimizer, in either layout:
+
+* flat: ``{"model": <preset | mapping>, "optimizer": {OptimizerSpec fields}, ...}``;
+* LightningCLI: ``{"model": {"class_path": ..., "init_args": {"model": ..., "optimizer": {...}}}, ...}``
+  (an ``optimizer`` given as ``{"class_path": ..., "init_args": {...}}`` is read through its ``init_args``).
+
+The target recipe is the proxy recipe with the model replaced by the target, ``optimizer.mup: true`` and
+``mup: {base: <proxy config>}`` beside them (the :class:`~lightning_optlab.lit.CausalLMModule` argument),
+so the base shapes are recomputed from the config at every start; :func:`transfer` also returns them as
+plain data for a file beside the recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from typing import Any, Mapping
+
+import torch
+
+from ..models import resolve_config
+from .shapes import base_config, base_shapes_state, build_mup_model
+
+__all__ = ["find_model_and_optimizer", "transfer", "NOT_TRANSFERRED"]
+
+#: what μP does not carry from the proxy to the target (printed with every transfer)
+NOT_TRANSFERRED = (
+    "batch size and the number of steps/tokens (μP transfers across width, not across data or batch scale; "
+    "re-tune or scale them by a scaling law)",
+    "warmup length and schedule shape are copied as given, not derived",
+    "depth: a target deeper than the proxy is outside μP's guarantee (depth-μP needs residual-branch scaling, "
+    "Yang et al. 2023 / Bordelon et al. 2023, not applied here)",
+    "context length and vocabulary must match the tuned setting for the numbers to carry over",
+)
+
+
+def find_model_and_optimizer(recipe: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The mapping that holds ``model`` and ``optimizer`` in ``recipe``, and its key path."""
+    if not isinstance(recipe, Mapping):
+        raise ValueError(f"a recipe must be a mapping (a YAML document), got {type(recipe).__name__}")
+    if "model" in recipe and "optimizer" in recipe and not _is_class_spec(recipe["model"]):
+        return dict(recipe), []
+    model = recipe.get("model")
+    if _is_class_spec(model) and isinstance(model.get("init_args"), Mapping):
+        args = model["init_args"]
+        if "model" in args and "optimizer" in args:
+            return dict(args), ["model", "init_args"]
+    raise ValueError(
+        "the proxy recipe names no model and optimizer: give top-level `model:` and `optimizer:` keys, or "
+        "LightningCLI's `model: {class_path: ..., init_args: {model: ..., optimizer: {...}}}`"
+    )
+
+
+def _is_class_spec(x: Any) -> bool:
+    return isinstance(x, Mapping) and "class_path" in x
+
+
+def _optimizer_fields(opt: Any) -> dict[str, Any]:
+    if _is_class_spec(opt):
+        opt = opt.get("init_args", {})
+    if not isinstance(opt, Mapping):
+        raise ValueError(f"the recipe's optimizer must be a mapping of OptimizerSpec fields, got {opt!r}")
+    return dict(opt)
+
+
+def transfer(
+    proxy_recipe: Mapping[str, Any], target: str | Mapping[str, Any], *, target_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the target recipe from a tuned proxy recipe.
+
+    Args:
+        proxy_recipe: the recipe the hyperparameters were tuned with (see the module doc).
+        target: the target model (preset name or mapping), e.g. ``"llama-2.7b"``.
+        target_overrides: target config fields (e.g. the proxy's ``vocab_size``).
+
+    Returns:
+        ``{"recipe": target recipe, "base_shapes": {name: base shape}, "width_mults": {role: [multipliers]},
+        "role_lrs": [(optimizer, role, lr, weight decay, n parameters)], "notes": [...]}``.
+
+    Raises:
+        ValueError: the proxy is wider than the target, their architectures differ in more than
+            width and depth, or the optimizer has no μP rule.
+    """
+    from ..configure import OptimizerSpec, plan_param_groups
+
+    holder, path = find_model_and_optimizer(proxy_recipe)
+    proxy_model = holder["model"]
+    proxy_cfg = resolve_config(proxy_model)
+    overrides = dict(target_overrides or {})
+    if isinstance(target, str) and "vocab_size" not in overrides:
+        overrides["vocab_size"] = proxy_cfg.vocab_size  # the tokenizer is part of the tuned setting
+    target_cfg = resolve_config(target, **overrides)
+    base = base_config(target_cfg, proxy_cfg)  # checks the architectures and the widths
+    opt_fields = _optimizer_fields(holder["optimizer"])
+    opt_fields["mup"] = True
+    spec = OptimizerSpec(**opt_fields)
+    with torch.device("meta"):
+        model = build_mup_model(target_cfg, base=proxy_cfg)
+    plan = plan_param_groups(model, spec)
+    role_lrs = []
+    width_mults: dict[str, set[float]] = defaultdict(set)
+    for _, name, groups, _ in plan:
+        for g in groups:
+            role_lrs.append((name, g["role"], float(g["lr"]), float(g["weight_decay"]), len(g["params"])))
+            for p in g["params"]:
+                width_mults[g["role"]].add(round(float(p.infshape.width_mult()), 6))
+    notes = list(NOT_TRANSFERRED)
+    if target_cfg.n_layer != proxy_cfg.n_layer:
+        notes.insert(0, f"depth changes {proxy_cfg.n_layer} → {target_cfg.n_layer} layers: the learning rates are "
+                        "transferred across width only")
+    new_holder = copy.deepcopy(holder)
+    new_holder["model"] = target if isinstance(target, str) and not overrides else _config_mapping(target_cfg)
+    new_holder["optimizer"] = copy.deepcopy(holder["optimizer"])
+    if _is_class_spec(new_holder["optimizer"]):
+        new_holder["optimizer"].setdefault("init_args", {})["mup"] = True
+    else:
+        new_holder["optimizer"]["mup"] = True
+    new_holder["mup"] = {"base": _config_mapping(proxy_cfg)}
+    recipe = copy.deepcopy(dict(proxy_recipe))
+    if path:
+        recipe["model"]["init_args"] = new_holder
+    else:
+        recipe = {**recipe, **new_holder}
+    return {
+        "recipe": recipe,
+        "base_shapes": base_shapes_state(model),
+        "width_mults": {r: sorted(v) for r, v in width_mults.items()},
+        "role_lrs": role_lrs,
+        "notes": notes,
+        "proxy": proxy_cfg,
+        "target": target_cfg,
+        "base": base,
+    }
+
+
+def _config_mapping(cfg: Any) -> dict[str, Any]:
+    """A config as a ``{"family": ..., **fields}`` mapping that ``build_model`` accepts (YAML-safe)."""
+    from ..models import LlamaConfig
+
+    out = {"family": "llama" if isinstance(cfg, LlamaConfig) else "gpt2"}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = float(v) if isinstance(v, float) else v
+    return out
