@@ -5,8 +5,11 @@ The corpus is the English reference documentation that ships inside CPython
 written out as SlimPajama-format shards (``.jsonl.zst``) and read back through the same
 reader, tokenizer (a byte-level BPE trained on it) and packing that real SlimPajama uses.
 Every optimizer trains the same model from the same initialization on the same token stream;
-the report compares final validation loss, tokens/s and the optimizer's share of step time, and
-plots validation loss against steps and against wall-clock.
+the report compares final validation loss, tokens/s and the optimizer's share of step time,
+plots validation loss against steps and against wall-clock, and ends with zero-shot accuracy on
+the sample ARC-Easy, ARC-Challenge, HellaSwag and MMLU files shipped with the package (scored
+through lm-eval by :class:`lightning_optlab.eval.ModuleLM`; a handful of questions each, so the
+numbers show the pipeline working, not a ranking — a model this small answers near chance).
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class DemoConfig:
     #: output folder for the report, plots, TensorBoard logs and the data shards
     out_dir: str = "optlab_runs/demo"
     seed: int = 0
+    #: end with zero-shot accuracy on the shipped ARC/HellaSwag/MMLU samples (through lm-eval)
+    zeroshot: bool = True
     #: torch CPU threads (1 by default: at this model size a second thread gains little and, with
     #: any other load on a 2-core machine, oversubscription makes steps several times slower)
     threads: int = 1
@@ -142,6 +147,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 self.val.append((trainer.global_step, self.clock.summary["train_seconds"],
                                  float(trainer.callback_metrics["val/loss"])))
 
+    zeroshot = _ZeroShot(out / "zeroshot_tasks") if cfg.zeroshot else None
     labels = cfg.optimizers or _default_selection()
     runs = [(lab, kw) for lab, kw in DEFAULT_RUNS if lab in labels]
     results: dict[str, Any] = {}
@@ -174,8 +180,38 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "train_seconds": s["train_seconds"], "steps": s["steps"], "tokens": s["tokens"],
             "val_curve": curves.val, "params": sum(p.numel() for p in module.parameters()),
         }
+        if zeroshot is not None:  # the module holds Schedule-Free's x here (the switch ran at train end)
+            results[label]["zeroshot"] = zeroshot(module, dm.tokenizer)
     _write_report(cfg, results, out)
     return results
+
+
+class _ZeroShot:
+    """Zero-shot accuracy on the shipped sample tasks; the tasks are prepared and loaded once."""
+
+    def __init__(self, task_dir: Path) -> None:
+        from .eval import SAMPLE_TASKS, TaskSet, prepare_samples
+
+        prepare_samples(task_dir)
+        self.suite = TaskSet(SAMPLE_TASKS, task_dir=task_dir)
+
+    def __call__(self, module: Any, tokenizer: Any) -> dict[str, float]:
+        from .eval import ModuleLM, metrics_from_results, run_tasks
+
+        results = run_tasks(ModuleLM(module, tokenizer, batch_size=32), self.suite)
+        return metrics_from_results(results, self.suite.names)
+
+
+def _zeroshot_lines(results: dict[str, Any]) -> list[str]:
+    from .eval import SAMPLE_TASKS, format_table
+
+    rows = {label: r["zeroshot"] for label, r in results.items() if r.get("zeroshot")}
+    if not rows:
+        return []
+    return ["", "## Zero-shot accuracy on the sample tasks", "",
+            "lm-eval (zero-shot, the built-in prompts and metrics) on the tiny ARC-Easy/ARC-Challenge/HellaSwag/"
+            "MMLU sample files shipped with the package (6-11 questions each): a check that the evaluation "
+            "runs on the trained models, not a benchmark result.", "", format_table(rows, SAMPLE_TASKS)]
 
 
 def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
@@ -229,10 +265,15 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
             f"{r['final_val_loss'] - best:+.4f} | {r['tokens_per_sec']:,.0f} | {r['optimizer_ms_per_step']:.2f} | "
             f"{100 * r['optimizer_share']:.1f} % | {r['train_seconds']:.1f} |"
         )
+    table_end = len(lines)
+    lines += _zeroshot_lines(results)
     lines += ["", "![validation loss](loss_curves.png)", "",
               f"TensorBoard: `tensorboard --logdir {out / 'tensorboard'}`", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
-    print("\n" + "\n".join(lines[:-5]))
+    print("\n" + "\n".join(lines[:table_end]))
+    zeroshot = _zeroshot_lines(results)
+    if zeroshot:
+        print("\n".join(zeroshot))
     print(f"\nreport: {out / 'report.md'}   plot: {out / 'loss_curves.png'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")

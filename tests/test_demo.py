@@ -29,6 +29,17 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert [step for step, _, _ in r["val_curve"]] == [2, 4, 6, 8]
     assert 0 < r["optimizer_share"] < 1 and r["tokens_per_sec"] > 0
     assert r["final_val_loss"] < 6.94  # below the uniform loss over the 1024-token vocabulary, ln(1024)
+    # the demo ends with lm-eval zero-shot accuracy on the shipped sample tasks, for every run
+    assert "## Zero-shot accuracy on the sample tasks" in report and "| adamw | " in report.split("Zero-shot")[-1]
+    for label in ("adamw", "sgd+adalayer(readout+norm)"):
+        zs = results[label]["zeroshot"]
+        assert set(zs) == {"eval/arc_easy/acc", "eval/arc_easy/acc_norm", "eval/arc_challenge/acc",
+                           "eval/arc_challenge/acc_norm", "eval/hellaswag/acc", "eval/hellaswag/acc_norm",
+                           "eval/mmlu/acc"}
+        assert all(0 <= v <= 1 for v in zs.values())
+    # 8 ARC-Easy questions: accuracies are multiples of 1/8
+    assert results["adamw"]["zeroshot"]["eval/arc_easy/acc"] * 8 == pytest.approx(
+        round(results["adamw"]["zeroshot"]["eval/arc_easy/acc"] * 8))
 
 
 def test_demo_rejects_unknown_runs_before_training(capsys):
