@@ -293,7 +293,8 @@ class PreconditionerHealth(Callback):
             self._add_histograms(trainer, pl_module, names, step)
         metrics["health/compute_seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
-        _log(trainer, metrics, step)
+        # Lightning logs the training metrics of update k (train/loss) at index k - 1: same here
+        _log(trainer, metrics, max(0, step - 1))
 
     def _per_parameter_stats(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: dict[int, str]

@@ -48,8 +48,9 @@ class RecordingLogger(Logger):
         pass
 
     def health(self) -> dict[int, dict[str, float]]:
-        """``{step: metrics}`` of the calls carrying health keys."""
-        return {s: m for s, m in self.calls if any(k.startswith("health") for k in m)}
+        """``{optimizer steps taken: metrics}`` of the calls carrying health keys (the callback logs
+        the statistics after update k at Lightning's index k - 1, beside that update's train/loss)."""
+        return {s + 1: m for s, m in self.calls if any(k.startswith("health") for k in m)}
 
 
 class GradRecorder(Callback):
@@ -188,6 +189,8 @@ def test_logger_receives_expected_keys_at_optimizer_steps(adamw_run):
     logged = logger.health()
     # 10 batches, accumulation 2: optimizer steps 1..5; records after steps 2, 4 and the last
     assert trainer.global_step == 5 and sorted(logged) == [2, 4, 5] and cb.series["steps"] == [2, 4, 5]
+    # the logger receives them at Lightning's index of the same update's train/loss
+    assert sorted(s for s, m in logger.calls if "health/grad_norm" in m) == [1, 3, 4]
     keys = logged[4]
     for role in ("embedding", "hidden", "readout", "norm", "bias"):
         for stat in ("eff_lr_min", "eff_lr_q05", "eff_lr_q50", "eff_lr_q95", "eff_lr_max", "eps_frac",
@@ -279,7 +282,7 @@ def test_roles_and_per_parameter_switches(tmp_path):
     no_params = PreconditionerHealth(every_n_steps=2, per_parameter=False, plot=False)
     no_roles = PreconditionerHealth(every_n_steps=2, roles=False, plot=False)
     _fit(tmp_path, _module(), [no_params, no_roles], logger, max_steps=2)
-    first, second = [m for s, m in logger.calls if s == 2 and "health/compute_seconds" in m]
+    first, second = [m for s, m in logger.calls if s == 1 and "health/compute_seconds" in m]
     assert not any(k.startswith("health_param/") for k in first) and "health/hidden/eff_lr_q50" in first
     assert not any(k.startswith("health/hidden") for k in second) and f"health_param/{READOUT}/eff_lr_q50" in second
 
