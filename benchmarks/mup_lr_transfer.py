@@ -1,7 +1,8 @@
 """Learning-rate transfer under μP vs standard parametrization (SP), for AdamW and Lion.
 
 For each optimizer, parametrization, width and learning rate, trains a tiny LLaMA-style model on
-byte-level batches of the embedded corpus (same seed, same batches) and records the held-out loss.
+byte-level batches of the embedded corpus (same seed, same batches; 10% warmup, cosine to 10%;
+zero-initialized readout in both parametrizations) and records the held-out loss.
 Under μP the best learning rate should stay put across widths (Yang et al. 2022, Fig. 1); under SP
 it should move down as width grows. Prints a table and the best LR per width, writes a JSON and a
 plot (``docs/img/mup_lr_transfer.png``).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_optlab.configure import OptimizerSpec, build_optimizer
+from lightning_optlab.configure import OptimizerSpec, configure
 from lightning_optlab.mup.experiment import eval_loss, fixed_batches, train_run, width_model
 
 
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                     model = width_model(args.model, width, mup=mup, base_width=args.base_width, seed=args.seed,
                                         zero_readout=True)
                     spec = OptimizerSpec(name=opt_name, lr=2.0**lg, betas=(0.9, 0.95) if opt_name == "adamw" else (0.9, 0.99),
-                                         mup=mup)
-                    losses = train_run(model, lambda m: build_optimizer(m, spec), train, args.steps)
+                                         mup=mup, schedule="cosine", warmup_steps=args.steps // 10,
+                                         total_steps=args.steps, min_lr_ratio=0.1)
+                    losses = train_run(model, lambda m: configure(m, spec), train, args.steps)
                     ok = len(losses) == args.steps and all(math.isfinite(l) for l in losses)
                     row.append(eval_loss(model, held) if ok else math.inf)
                 results[key]["loss"][width] = row

@@ -55,7 +55,10 @@ def readout_module_name(model: nn.Module) -> str | None:
     """The qualified name of the module producing the logits, or None."""
     last_linear = None
     for name, module in model.named_modules():
-        explicit = getattr(module, "optlab_readout", None)  # a model may name its readout module
+        # a model may name its readout module; read it from the class or the instance itself, not
+        # through a wrapper's attribute forwarding (torch.compile's OptimizedModule forwards to
+        # _orig_mod, which would name the readout relative to the wrong module)
+        explicit = getattr(type(module), "optlab_readout", None) or vars(module).get("optlab_readout")
         if isinstance(explicit, str):
             return f"{name}.{explicit}" if name else explicit
         if type(module).__name__ == "MuReadout":

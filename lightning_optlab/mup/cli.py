@@ -171,3 +171,7 @@ def _lr_find(args: argparse.Namespace) -> int:
         fig.savefig(args.plot, dpi=110)
         print(f"wrote {args.plot}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,11 +54,16 @@ def width_model(model: Any, width: int, *, mup: bool, base_width: int, seed: int
 
 
 def train_run(
-    model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], batches: Iterator[Tensor] | list[Tensor],
+    model: nn.Module, make_optimizer: Callable[[nn.Module], Any], batches: Iterator[Tensor] | list[Tensor],
     steps: int, *, on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``steps`` steps on ``batches`` (cycled); return the training losses. Stops early on a non-finite loss."""
-    opt = make_optimizer(model)
+    """Train ``steps`` steps on ``batches`` (cycled); return the training losses. Stops early on a non-finite loss.
+
+    ``make_optimizer(model)`` returns an optimizer, or what ``configure`` returns (optimizer and LR
+    scheduler, stepped after every optimizer step).
+    """
+    made = make_optimizer(model)
+    opt, sched = (made["optimizer"], made["lr_scheduler"]["scheduler"]) if isinstance(made, dict) else (made, None)
     batches = list(batches)
     losses = []
     model.train()
@@ -73,6 +78,8 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

@@ -226,6 +226,8 @@ def build_mup_model(
         >>> model = build_mup_model("llama-2.7b", base="llama-50m", vocab_size=32000)
     """
     target = resolve_config(model, **overrides)
+    if "vocab_size" in overrides and not isinstance(base, int):  # e.g. the datamodule's tokenizer, for both
+        base = resolve_config(base, vocab_size=overrides["vocab_size"])
     base_cfg = base_config(target, base)
     net = build_model(mup_config(target, base_cfg))  # the same random draws as the SP model
     set_base_shapes(net, base_cfg)

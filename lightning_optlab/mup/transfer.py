@@ -1,15 +1,17 @@
 """Proxy → target transfer: the tuned proxy recipe becomes the target recipe with the same numbers under μP.
 
-A *recipe* here is a mapping with a model and an optimizer, in either layout:
+A *recipe* here is a mapping with a model and an optimizer, in one of these layouts:
 
-* flat: ``{"model": <preset | mapping>, "optimizer": {OptimizerSpec fields}, ...}``;
-* LightningCLI: ``{"model": {"class_path": ..., "init_args": {"model": ..., "optimizer": {...}}}, ...}``
-  (an ``optimizer`` given as ``{"class_path": ..., "init_args": {...}}`` is read through its ``init_args``).
+* the pack's recipes (``recipes/*.yaml``): ``{"model": {"model": <preset | mapping>, ...CausalLMModule
+  arguments}, "optimizer": {OptimizerSpec fields}, ...}``;
+* LightningCLI's: ``{"model": {"class_path": ..., "init_args": {"model": ..., "optimizer": {...}}}}``;
+* flat: ``{"model": <preset | mapping>, "optimizer": {...}}``.
 
-The target recipe is the proxy recipe with the model replaced by the target, ``optimizer.mup: true`` and
-``mup: {base: <proxy config>}`` beside them (the :class:`~lightning_optlab.lit.CausalLMModule` argument),
-so the base shapes are recomputed from the config at every start; :func:`transfer` also returns them as
-plain data for a file beside the recipe.
+The target recipe is the proxy recipe with the model replaced by the target, ``optimizer.mup: true``
+and ``mup: {base: <proxy config>}`` among the module's arguments (``CausalLMModule(mup=...)``), so the
+base shapes are recomputed from the config at every start; :func:`transfer` also returns them as plain
+data for a file beside the recipe. A ``scales:`` section (the pack's tiny/paper variants) is dropped:
+its models are not the target.
 """
 
 from __future__ import annotations
@@ -37,20 +39,22 @@ NOT_TRANSFERRED = (
 )
 
 
-def find_model_and_optimizer(recipe: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The mapping that holds ``model`` and ``optimizer`` in ``recipe``, and its key path."""
+def find_model_and_optimizer(recipe: Mapping[str, Any]) -> tuple[Any, Any, list[str]]:
+    """``(model spec, optimizer block, path of the mapping that takes the module arguments)``."""
     if not isinstance(recipe, Mapping):
         raise ValueError(f"a recipe must be a mapping (a YAML document), got {type(recipe).__name__}")
-    if "model" in recipe and "optimizer" in recipe and not _is_class_spec(recipe["model"]):
-        return dict(recipe), []
     model = recipe.get("model")
     if _is_class_spec(model) and isinstance(model.get("init_args"), Mapping):
         args = model["init_args"]
         if "model" in args and "optimizer" in args:
-            return dict(args), ["model", "init_args"]
+            return args["model"], args["optimizer"], ["model", "init_args"]
+    if "optimizer" in recipe and isinstance(model, Mapping) and "model" in model:
+        return model["model"], recipe["optimizer"], ["model"]
+    if "optimizer" in recipe and model is not None:
+        return model, recipe["optimizer"], []
     raise ValueError(
-        "the proxy recipe names no model and optimizer: give top-level `model:` and `optimizer:` keys, or "
-        "LightningCLI's `model: {class_path: ..., init_args: {model: ..., optimizer: {...}}}`"
+        "the proxy recipe names no model and optimizer: give `model: {model: {preset: ...}}` and `optimizer: {...}` "
+        "(the pack's recipes), or LightningCLI's `model: {class_path: ..., init_args: {model: ..., optimizer: {...}}}`"
     )
 
 
@@ -86,16 +90,18 @@ def transfer(
     """
     from ..configure import OptimizerSpec, plan_param_groups
 
-    holder, path = find_model_and_optimizer(proxy_recipe)
-    proxy_model = holder["model"]
+    proxy_model, proxy_opt, path = find_model_and_optimizer(proxy_recipe)
     proxy_cfg = resolve_config(proxy_model)
     overrides = dict(target_overrides or {})
-    if isinstance(target, str) and "vocab_size" not in overrides:
+    target_cfg = resolve_config(target)
+    if "vocab_size" not in overrides and target_cfg.vocab_size != proxy_cfg.vocab_size:
         overrides["vocab_size"] = proxy_cfg.vocab_size  # the tokenizer is part of the tuned setting
     target_cfg = resolve_config(target, **overrides)
     base = base_config(target_cfg, proxy_cfg)  # checks the architectures and the widths
-    opt_fields = _optimizer_fields(holder["optimizer"])
+    opt_fields = _optimizer_fields(proxy_opt)
     opt_fields["mup"] = True
+    for key in ("schedule", "warmup_steps", "total_steps", "min_lr_ratio", "decay_fraction"):
+        opt_fields.pop(key, None)  # the schedule does not change the per-group peak values printed here
     spec = OptimizerSpec(**opt_fields)
     with torch.device("meta"):
         model = build_mup_model(target_cfg, base=proxy_cfg)
@@ -111,19 +117,28 @@ def transfer(
     if target_cfg.n_layer != proxy_cfg.n_layer:
         notes.insert(0, f"depth changes {proxy_cfg.n_layer} → {target_cfg.n_layer} layers: the learning rates are "
                         "transferred across width only")
-    new_holder = copy.deepcopy(holder)
-    new_holder["model"] = target if isinstance(target, str) and not overrides else _config_mapping(target_cfg)
-    new_holder["optimizer"] = copy.deepcopy(holder["optimizer"])
-    if _is_class_spec(new_holder["optimizer"]):
-        new_holder["optimizer"].setdefault("init_args", {})["mup"] = True
+    if isinstance(target, str):
+        target_spec: Any = {"preset": target, **overrides}
+    elif isinstance(target, Mapping):
+        target_spec = {**target, **overrides}
     else:
-        new_holder["optimizer"]["mup"] = True
-    new_holder["mup"] = {"base": _config_mapping(proxy_cfg)}
+        target_spec = _config_mapping(target_cfg)
+    new_opt = copy.deepcopy(proxy_opt)
+    (new_opt.setdefault("init_args", {}) if _is_class_spec(new_opt) else new_opt)["mup"] = True
     recipe = copy.deepcopy(dict(proxy_recipe))
-    if path:
-        recipe["model"]["init_args"] = new_holder
+    recipe.pop("scales", None)
+    if path == ["model", "init_args"]:
+        holder = recipe["model"]["init_args"]
+        holder["optimizer"] = new_opt
     else:
-        recipe = {**recipe, **new_holder}
+        recipe["optimizer"] = new_opt
+        if path == ["model"]:
+            holder = recipe["model"]
+        else:
+            recipe["model"] = {}
+            holder = recipe["model"]
+    holder["model"] = target_spec
+    holder["mup"] = {"base": _config_mapping(proxy_cfg)}
     return {
         "recipe": recipe,
         "base_shapes": base_shapes_state(model),

@@ -1,0 +1,87 @@
+"""`optlab mup transfer | coord-check | lr-find` (through lightning_optlab.mup.cli.main) and the LR range test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lightning_optlab.configure import OptimizerSpec, build_optimizer
+from lightning_optlab.models import build_model
+from lightning_optlab.mup import build_mup_model, lr_range_test, transfer
+from lightning_optlab.mup.cli import main
+
+PROXY = {
+    "seed_everything": 0,
+    "model": {"model": {"preset": "llama-tiny", "n_embd": 32}, "mup": {"base": {"preset": "llama-tiny", "n_embd": 32}}},
+    "optimizer": {"name": "adamw", "lr": 4e-3, "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 10, "mup": True},
+    "trainer": {"max_steps": 100},
+    "scales": {"tiny": {"model": {"model": {"preset": "llama-tiny"}}}},
+}
+
+
+def test_transfer_keeps_the_numbers_and_prints_the_per_role_rates(tmp_path, capsys):
+    target = {"preset": "llama-tiny", "n_embd": 128, "n_layer": 4}
+    result = transfer(PROXY, target)
+    recipe = result["recipe"]
+    assert recipe["optimizer"]["lr"] == 4e-3 and recipe["optimizer"]["mup"] is True
+    assert recipe["model"]["model"] == target and recipe["model"]["mup"]["base"]["n_embd"] == 32
+    assert "scales" not in recipe and recipe["trainer"] == PROXY["trainer"]
+    lrs = {(role, round(lr, 10)) for _, role, lr, _, _ in result["role_lrs"]}
+    assert ("hidden", 1e-3) in lrs and ("readout", 4e-3) in lrs and ("embedding", 4e-3) in lrs  # η/4 on 4x-wide matrices
+    assert any("depth changes 2 → 4" in n for n in result["notes"]) and any("batch size" in n for n in result["notes"])
+    # the stored base shapes are what a model built from the written recipe recomputes
+    rebuilt = build_mup_model(recipe["model"]["model"], base=recipe["model"]["mup"]["base"])
+    assert result["base_shapes"] == {n: list(p.infshape.base_shape()) for n, p in rebuilt.named_parameters()}
+
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(PROXY))
+    out = tmp_path / "target.yaml"
+    assert main(["transfer", str(tmp_path / "proxy.yaml"), "--target", "llama-tiny", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "width multipliers by role" in text and "not transferred by μP" in text and "hidden" in text
+    assert yaml.safe_load(out.read_text())["model"]["mup"]["base"]["n_embd"] == 32
+    assert json.loads(out.with_suffix(".base_shapes.json").read_text())
+
+
+def test_transfer_rejects_bad_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="larger than the target"):
+        transfer({**PROXY, "model": {"model": {"preset": "llama-tiny", "n_embd": 128}}}, {"preset": "llama-tiny"})
+    with pytest.raises(ValueError, match="architectures differ"):
+        transfer(PROXY, "gpt2-tiny")
+    with pytest.raises(ValueError, match="no model and optimizer"):
+        transfer({"trainer": {}}, "llama-tiny")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**PROXY, "optimizer": {"name": "shampoo", "hparams": {"grafting": "none"}}}))
+    assert main(["transfer", str(tmp_path / "p.yaml"), "--target", "llama-tiny", "--out", str(tmp_path / "t.yaml")]) == 2
+    assert "no μP rule" in capsys.readouterr().err
+
+
+def test_coord_check_command_writes_the_plot(tmp_path, capsys):
+    out = tmp_path / "coord.png"
+    assert main(["coord-check", "--widths", "32", "64", "--steps", "1", "--seq-len", "16", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000 and "SP:" in capsys.readouterr().out
+    assert set(json.loads(out.with_suffix(".json").read_text())["ratios"]) == {"μP", "SP"}
+
+
+def test_lr_range_test_moves_all_groups_together():
+    torch.manual_seed(0)
+    model = build_mup_model({"preset": "llama-tiny", "n_layer": 1}, base=32, n_embd=128)
+    opt = build_optimizer(model, OptimizerSpec(name="adamw", lr=2e-3, mup=True, overrides={"norm": {"lr": 1e-3}}))
+    before = [g["lr"] / 2e-3 for g in opt.param_groups]
+    assert sorted(set(round(r, 6) for r in before)) == [0.25, 0.333333, 0.5, 1.0]
+    batches = [torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    res = lr_range_test(model, opt, batches, lambda m, b: m.loss(m(b[:, :-1]), b[:, 1:]), base_lr=2e-3,
+                        min_lr=1e-4, max_lr=1e-1, num_steps=12)
+    assert res.lrs[0] == pytest.approx(1e-4) and res.suggestion is not None
+    for g, r in zip(opt.param_groups, before):  # every group at the last base LR times its own ratio
+        assert g["lr"] == pytest.approx(res.lrs[-1] * r)
+    with pytest.raises(ValueError, match="min_lr < max_lr"):
+        lr_range_test(model, opt, batches, lambda m, b: m.loss(m(b[:, :-1]), b[:, 1:]), base_lr=2e-3, min_lr=1, max_lr=0.1)
+
+
+def test_lr_find_command(capsys):
+    assert main(["lr-find", "--width", "64", "--base-width", "32", "--steps", "8", "--seq-len", "16", "--batch-size", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "suggested base lr" in text and "lr ratios kept: 0.5" in text
+    assert build_model("llama-tiny").config.n_embd == 64  # the preset is not changed by the command
