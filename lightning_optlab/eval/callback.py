@@ -82,6 +82,13 @@ class ZeroShotEval(Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._last_step = -1
 
+    @property
+    def state_key(self) -> str:
+        # several ZeroShotEval callbacks (other tasks, schedules) may share a trainer and a checkpoint
+        return self._generate_state_key(tasks=",".join(self.tasks), task_dir=str(self.task_dir),
+                                        every_n_steps=self.every_n_steps, limit=self.limit,
+                                        num_fewshot=self.num_fewshot, distributed=self.distributed)
+
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
