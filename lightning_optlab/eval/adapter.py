@@ -120,6 +120,8 @@ class ModuleLM(TemplateLM):
         self.model = model
         self.tokenizer = tokenizer
         self._eot = eos_id_of(tokenizer)
+        # transformers' encode adds BOS/EOS unless told not to; lm-eval's HFLM tells it not to
+        self._encode_kwargs = {"add_special_tokens": False} if _accepts(tokenizer.encode, "add_special_tokens") else {}
         max_length = max_length if max_length is not None else context_length_of(model)
         if max_length is None:
             raise ValueError("the model's context length is unknown (no config.block_size / n_positions / "
@@ -151,8 +153,7 @@ class ModuleLM(TemplateLM):
         return type(self.tokenizer).__name__
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        # Our tokenizers add no special tokens; transformers' do only when asked to.
-        return list(self.tokenizer.encode(string))
+        return list(self.tokenizer.encode(string, **self._encode_kwargs))
 
     def tok_decode(self, tokens: Iterable[int]) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -270,6 +271,16 @@ class ModuleLM(TemplateLM):
 
     def _eval_mode(self) -> "_EvalMode":
         return _EvalMode(self.model)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class _EvalMode:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_optlab.configure import OptimizerSpec
 from lightning_optlab.data.tokenizer import ByteTokenizer
-from lightning_optlab.eval import ModuleLM, ZeroShotEval, metrics_from_results, prepare_samples, run_tasks
+from lightning_optlab.eval import HubUnreachableError, ModuleLM, ZeroShotEval, metrics_from_results, prepare_samples, run_tasks
 from lightning_optlab.lit import CausalLMModule
 from lightning_optlab.models import GPT, GPTConfig
 
@@ -104,6 +104,35 @@ def test_schedule_free_is_evaluated_at_its_eval_weights(task_dir, tmp_path):
     _fit(module, cb, tmp_path, steps=2)
     assert modes and not any(modes)  # every evaluation forward ran on x, the eval weights
     assert seen == [True]  # mid-training evaluation handed training back in train mode
+
+
+def test_tokenizer_from_the_datamodule_and_hub_failure_without_network(task_dir, tmp_path, monkeypatch):
+    import time
+
+    class Data(L.LightningDataModule):
+        tokenizer = ByteTokenizer()
+
+        def train_dataloader(self):
+            return DataLoader(list(torch.randint(0, 257, (2, 17))), batch_size=2)
+
+    module = _module()
+    del module.tokenizer
+    cb = ZeroShotEval(["arc_easy"], task_dir=task_dir, limit=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=Data())
+    assert (tmp_path / "zeroshot_step1.json").is_file() and "eval/arc_easy/acc" in trainer.callback_metrics
+    # the built-in (hub) tasks without network: a fast, clear error
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ZeroShotEval()],
+                        default_root_dir=tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="optlab eval prepare"):
+        trainer.fit(_module(), datamodule=Data())
+    assert time.perf_counter() - start < 15
 
 
 def test_missing_tokenizer_and_bad_arguments(task_dir, tmp_path):

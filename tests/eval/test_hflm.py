@@ -44,6 +44,19 @@ def test_same_token_ids(setup):
     assert hf.eot_token_id == ours.eot_token_id and hf.max_length == ours.max_length == 24
 
 
+def test_a_tokenizer_that_adds_bos_by_default_is_asked_not_to(setup):
+    from transformers import PreTrainedTokenizerFast
+
+    _, ours, tok = setup
+    bos_adding = PreTrainedTokenizerFast(tokenizer_object=tok.hf_tokenizer, eos_token=tok.eos_token,
+                                         bos_token=tok.eos_token)
+    bos_adding._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single=f"{tok.eos_token} $A", special_tokens=[(tok.eos_token, tok.eos_id)])
+    assert bos_adding.encode("The fox")[0] == tok.eos_id  # adds BOS unless told not to
+    lm = ModuleLM(ours.model, bos_adding)
+    assert lm.tok_encode("The fox") == tok.encode("The fox")
+
+
 def test_loglikelihoods_equal_hflm(setup):
     hf, ours, _ = setup
     pairs = [("Question: what is a fox?\nAnswer:", " an animal."), ("The quick brown", " fox"), ("", "Water turns"),
