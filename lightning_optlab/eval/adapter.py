@@ -229,13 +229,19 @@ class ModuleLM(TemplateLM):
             for b in range(0, len(order), self.batch_size):
                 batch = order[b:b + self.batch_size]
                 logits = self._forward(batch)
+                owners, sums, hits = [], [], []
                 for row, key in enumerate(batch):
                     for i, first, targets in jobs[key]:
-                        count = len(targets)
-                        lp = F.log_softmax(logits[row, first:first + count].float(), dim=-1)
+                        # log-softmax only where a target is scored, in float32 at least
+                        lp = F.log_softmax(logits[row, first:first + len(targets)].float(), dim=-1)
                         tgt = torch.tensor(targets, device=lp.device)
-                        logps[i] += lp.gather(1, tgt[:, None]).sum().item()
-                        greedy[i] = greedy[i] and bool((lp.argmax(-1) == tgt).all())
+                        owners.append(i)
+                        sums.append(lp.gather(1, tgt[:, None]).sum())
+                        hits.append((lp.argmax(-1) == tgt).all())
+                # one device-to-host copy per batch rather than two per request
+                for i, logp, hit in zip(owners, torch.stack(sums).tolist(), torch.stack(hits).tolist()):
+                    logps[i] += logp
+                    greedy[i] = greedy[i] and hit
         return list(zip(logps, greedy))
 
     def _forward(self, batch: list[tuple[int, ...]]) -> Tensor:
