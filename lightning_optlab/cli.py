@@ -1,14 +1,71 @@
-"""The ``optlab`` command: ``optlab demo``, ``optlab optimizers``."""
+"""The ``optlab`` command.
+
+* ``optlab fit|validate|test --config recipe.yaml [--scale tiny|paper] [--optimizer.name soap ...]``:
+  a :class:`~lightning.pytorch.cli.LightningCLI` over :class:`~lightning_optlab.lit.CausalLMModule`
+  and :class:`~lightning_optlab.lit.LMDataModule`, whose ``optimizer`` group is the pack's
+  :class:`~lightning_optlab.configure.OptimizerSpec` (LightningCLI's own optimizer groups are off);
+* ``optlab check --config recipe.yaml``: a dry run that builds data, model and every optimizer of
+  the recipe (and of its sweep) without training;
+* ``optlab sweep recipe.yaml`` / ``optlab report RUNS_DIR``: :mod:`lightning_optlab.sweep`;
+* ``optlab mup ...`` / ``optlab eval ...``: the μP and zero-shot evaluation tools;
+* ``optlab demo``, ``optlab optimizers``.
+
+Lightning is imported only by the subcommands that need it, so ``optlab optimizers`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
+from typing import Any
 
 from .optim.registry import ALIASES, available_optimizers
 
+__all__ = ["main", "optlab_cli_class", "build_cli", "resolve_config_args", "check_config", "LIGHTNING_SUBCOMMANDS"]
 
-def _parser() -> argparse.ArgumentParser:
+#: the subcommands handled by LightningCLI
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+
+#: subcommands implemented by other modules of the pack: name -> (module, what it does)
+_DELEGATED = {
+    "mup": ("lightning_optlab.mup.cli", "μP: base shapes, coordinate checks, proxy -> target transfer"),
+    "eval": ("lightning_optlab.eval.cli", "zero-shot evaluation (ARC, HellaSwag, MMLU) of a checkpoint through lm-eval"),
+    "sweep": ("lightning_optlab.sweep.cli", "run a recipe's grid (optimizers x hyperparameters x seeds), locally or on SLURM"),
+    "report": ("lightning_optlab.sweep.cli", "plots and tables of a sweep folder: loss vs LR, stability width"),
+}
+
+
+def _top_help() -> str:
+    names = ", ".join(available_optimizers())
+    lines = [
+        "usage: optlab {fit,validate,test,check,sweep,report,mup,eval,demo,optimizers} ...",
+        "",
+        "lightning_optlab: train language models with modern optimizers and compare them honestly.",
+        "",
+        "commands:",
+        "  fit, validate, test   LightningCLI: optlab fit --config recipes/lr_sweep.yaml --scale tiny "
+        "--optimizer.name soap --optimizer.lr 3e-3",
+        "  check                 dry run: build data, model and every optimizer of a recipe, no training",
+    ]
+    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k not in ("mup", "eval")]
+    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k in ("mup", "eval")]
+    lines += [
+        "  demo                  train a tiny LLaMA on an embedded corpus with several optimizers and report",
+        "  optimizers            list the registered optimizers and their aliases",
+        "",
+        f"optimizers (--optimizer.name): {names}",
+        f"aliases: {', '.join(f'{a}->{n}' for a, n in sorted(ALIASES.items()))}",
+        "",
+        "recipes take --scale tiny (2 CPU cores, minutes) or --scale paper (the studies' set-up); "
+        "`optlab <command> --help` for a command's options.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- demo / optimizers
+def _demo_parser() -> argparse.ArgumentParser:
     names = ", ".join(available_optimizers())
     parser = argparse.ArgumentParser(
         prog="optlab",
@@ -27,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _demo_main(argv: list[str]) -> int:
+    args = _demo_parser().parse_args(argv)
     if args.command == "optimizers":
         for name in available_optimizers():
             aliases = sorted(a for a, n in ALIASES.items() if n == name)
@@ -47,6 +104,258 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_demo(cfg)
     return 0
+
+
+# --------------------------------------------------------------------------- LightningCLI
+def _spec_from_namespace(ns: Any) -> Any:
+    """The linked value of ``model.optimizer``: the ``optimizer`` group as it was parsed."""
+    return ns
+
+
+@functools.lru_cache(maxsize=1)
+def optlab_cli_class() -> type:
+    """The LightningCLI subclass (built on first use, so that ``import lightning_optlab.cli`` stays light)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from .configure import OptimizerSpec
+
+    class OptlabCLI(LightningCLI):
+        """LightningCLI with the pack's ``OptimizerSpec`` as the ``optimizer`` group.
+
+        ``--optimizer.name soap --optimizer.lr 3e-3`` (or an ``optimizer:`` block in YAML) fills
+        an :class:`OptimizerSpec`, validated right after parsing (a bad value is a parser error
+        naming it), and linked into ``CausalLMModule(optimizer=...)``. When the schedule needs
+        ``total_steps`` and none is given, it is ``trainer.max_steps``.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            from .lit import CausalLMModule, LMDataModule
+
+            kwargs.setdefault("auto_configure_optimizers", False)
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config
+            super().__init__(CausalLMModule, LMDataModule, *args, **kwargs)
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # predict is left out: CausalLMModule has no predict_step
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_class_arguments(OptimizerSpec, "optimizer", instantiate=False)
+            parser.link_arguments("optimizer", "model.optimizer", compute_fn=_spec_from_namespace)
+            names = ", ".join(available_optimizers())
+            parser.description = (f"Train a language model with the pack's optimizers (--optimizer.name: {names}). "
+                                  "Recipes: recipes/*.yaml with --scale tiny|paper.")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            opt = config["optimizer"]
+            max_steps = config["trainer"].get("max_steps", -1) if config.get("trainer") else -1
+            if opt.get("total_steps") is None and opt.get("schedule", "constant") != "constant" and max_steps and max_steps > 0:
+                opt["total_steps"] = max_steps
+            try:
+                OptimizerSpec(**_plain(opt))
+            except (ValueError, TypeError) as err:
+                parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+                parser.error(f"--optimizer: {err}")  # usage and the message, exit status 2
+            config["model"]["optimizer"] = opt.clone()
+
+    return OptlabCLI
+
+
+def build_cli(args: list[str], **kwargs: Any) -> Any:
+    """``OptlabCLI(args=args, **kwargs)`` from Python, without LightningCLI also reading ``sys.argv``."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "optlab"]  # LightningCLI warns when both args and sys.argv are given
+    try:
+        return optlab_cli_class()(args=args, **kwargs)
+    finally:
+        sys.argv = saved
+
+
+def _plain(ns: Any) -> Any:
+    """A jsonargparse Namespace (nested) as plain dicts and lists."""
+    if hasattr(ns, "as_dict"):
+        return ns.as_dict()
+    return ns
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OptlabCLI":
+        return optlab_cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace each ``--config RECIPE`` with the recipe resolved at ``--scale`` (default tiny).
+
+    A recipe (a config with ``scales:`` or ``sweep:``) becomes a plain LightningCLI config, passed
+    on as a YAML string; ``--scale`` is removed from the arguments. Plain configs pass unchanged.
+    """
+    import yaml
+
+    from .sweep.recipe import is_recipe, load_yaml, resolve_recipe
+
+    args, scale = [], None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--scale" and i + 1 < len(argv):
+            scale, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--scale="):
+            scale, i = a.split("=", 1)[1], i + 1
+            continue
+        args.append(a)
+        i += 1
+    out = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        path = None
+        if a in ("--config", "-c") and i + 1 < len(args):
+            path, i = args[i + 1], i + 2
+        elif a.startswith("--config="):
+            path, i = a.split("=", 1)[1], i + 1
+        else:
+            out.append(a)
+            i += 1
+            continue
+        try:
+            data = load_yaml(path)
+        except (OSError, ValueError):
+            out += ["--config", path]  # let jsonargparse report it (or take it as a YAML string)
+            continue
+        if is_recipe(data):
+            config, _ = resolve_recipe(data, scale)
+            out += ["--config", yaml.safe_dump(config, sort_keys=False)]
+        else:
+            out += ["--config", path]
+    if scale is not None and not any(x in ("--config", "-c") or x.startswith("--config=") for x in args):
+        raise ValueError("--scale selects a section of a recipe; give the recipe with --config")
+    return out
+
+
+def _lightning_main(argv: list[str]) -> int:
+    try:
+        args = resolve_config_args(argv)
+    except ValueError as err:
+        print(f"optlab {argv[0]}: {err}", file=sys.stderr)
+        return 2
+    try:
+        build_cli(args)
+    except SystemExit as exc:  # argparse errors and --help
+        return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else 2
+    return 0
+
+
+# --------------------------------------------------------------------------- check (dry run)
+def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None, data: bool = True) -> dict[str, Any]:
+    """Build the data, the model and the optimizer of ``config`` (and of each sweep run) without training.
+
+    Returns ``{"params": N, "vocab_size": V, "optimizers": {label: class name}, "points": n}``.
+    Raises ``ValueError`` (or jsonargparse's parser error as ``SystemExit``) on a bad config.
+    """
+    import yaml
+
+    from .configure import OptimizerSpec, configure
+    from .models import build_model
+    from .sweep.recipe import SweepSpec, expand_points, point_config
+
+    configs = {"(recipe)": config}
+    n_points = 0
+    if sweep:
+        spec = SweepSpec.from_dict(sweep)
+        points = expand_points(spec)
+        n_points = len(points)
+        for run in spec.runs:
+            first = next(p for p in points if p.label == run.label)
+            configs[run.label] = point_config(config, spec, first)
+    out: dict[str, Any] = {"optimizers": {}, "points": n_points}
+    vocab = None
+    for label, cfg in configs.items():
+        cli = build_cli(["--config", yaml.safe_dump(cfg, sort_keys=False)], run=False, save_config_callback=None)
+        module, dm = cli.model, cli.datamodule
+        if vocab is None:
+            if data:
+                dm.prepare_data()
+                dm.setup("fit")
+                vocab = dm.vocab_size
+                batch = next(iter(dm.train_dataloader()))
+                out["batch_shape"] = tuple(batch.shape)
+            out["vocab_size"] = vocab
+        if module.model is None:
+            spec_model = module.hparams.get("model")
+            overrides = {"vocab_size": vocab} if vocab is not None else {}
+            module.model = build_model(spec_model, **overrides)
+        assert isinstance(module.spec, OptimizerSpec)
+        opt = configure(module, module.spec)["optimizer"]
+        out["optimizers"][label] = type(opt).__name__
+        out.setdefault("params", sum(p.numel() for p in module.parameters()))
+        out.setdefault("max_steps", cli.trainer.max_steps)
+    return out
+
+
+def _check_main(argv: list[str]) -> int:
+    from .sweep.recipe import load_yaml, resolve_recipe
+
+    parser = argparse.ArgumentParser(prog="optlab check", description="dry run: build data, model and every optimizer "
+                                     "of a recipe (and of its sweep runs) without training")
+    parser.add_argument("--config", "-c", required=True, help="recipe or LightningCLI config (YAML)")
+    parser.add_argument("--scale", default=None, help="tiny (default) or paper")
+    parser.add_argument("--no-data", action="store_true", help="do not prepare the data (model and optimizers only)")
+    args = parser.parse_args(argv)
+    try:
+        config, sweep = resolve_recipe(load_yaml(args.config), args.scale)
+        info = check_config(config, sweep=sweep, data=not args.no_data)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"optlab check: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: {info['params']:,} parameters, vocab {info.get('vocab_size')}, "
+          f"max_steps {info['max_steps']}, sweep points {info['points']}")
+    for label, cls_name in info["optimizers"].items():
+        print(f"  {label}: {cls_name}")
+    return 0
+
+
+# --------------------------------------------------------------------------- dispatch
+def _delegate(command: str, argv: list[str]) -> int:
+    module_name = _DELEGATED[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            print(f"optlab {command}: {module_name} is not available in this installation ({err}); "
+                  f"`optlab {command}` needs it", file=sys.stderr)
+            return 2
+        raise
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"optlab {command}: {module_name} has no main(argv)", file=sys.stderr)
+        return 2
+    if command in ("sweep", "report"):
+        return int(entry([command, *argv]) or 0)
+    return int(entry(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``optlab`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in ("demo", "optimizers"):
+        return _demo_main(argv)
+    if command in LIGHTNING_SUBCOMMANDS:
+        return _lightning_main(argv)
+    if command == "check":
+        return _check_main(rest)
+    if command in _DELEGATED:
+        return _delegate(command, rest)
+    print(_top_help(), file=sys.stderr)
+    print(f"\noptlab: unknown command {command!r}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,332 @@
+"""Running sweep points: each an ordinary ``optlab fit`` run in its own folder, resumable.
+
+A sweep folder holds ``sweep.json`` (the resolved spec) and one folder per point with
+
+* ``point.json``: the run label, the axis values, the seed;
+* ``config.yaml``: the point's full LightningCLI config (``optlab fit --config`` reproduces it);
+* ``checkpoints/last.ckpt``: saved every ``checkpoint_every`` steps; a broken point resumes from it;
+* ``curve.csv``: step, training seconds, training loss, validation loss;
+* ``result.json``: written last, atomically; its presence marks the point finished (``done`` or
+  ``diverged``), so a rerun skips it.
+
+Points run one after another in this process (``executor="inline"``), as N subprocesses at a
+time (``"local"``), or as submitit jobs (``"submitit-local"`` runs them as local subprocesses,
+``"slurm"`` submits them to SLURM). :func:`collect` gathers every point into one tidy table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .recipe import SweepPoint, SweepSpec, expand_points, point_config, resolve_recipe
+
+__all__ = ["EXECUTORS", "RESULT_COLUMNS", "prepare_sweep", "run_point", "run_sweep", "collect", "point_status",
+           "write_csv", "read_csv"]
+
+EXECUTORS = ("inline", "local", "submitit-local", "slurm")
+
+#: the fixed columns of the results table (axis columns and ``eval/...`` scores are added)
+RESULT_COLUMNS = ("point", "label", "optimizer", "seed", "status", "final_train_loss", "final_val_loss", "steps",
+                  "tokens", "train_seconds", "elapsed_seconds", "optimizer_share", "tokens_per_sec",
+                  "diverged_step", "resumed_from_step", "error")
+
+#: the final training loss is the mean over this fraction of the last steps (at least one step)
+_TRAIN_LOSS_TAIL = 0.1
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # atomic: a killed writer never leaves half a result
+
+
+def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, scale: str | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[SweepSpec, list[Path]]:
+    """Write ``sweep.json`` and every point's ``point.json`` and ``config.yaml``; return the point folders.
+
+    ``overrides`` (a config block, e.g. ``{"trainer": {"max_steps": 10}}``) is merged over the recipe.
+    A point folder that already has a config keeps it (a rerun must not change a half-run point).
+    """
+    from .recipe import deep_merge
+
+    config, sweep = resolve_recipe(recipe, scale)
+    if overrides:
+        config = deep_merge(config, overrides)
+    spec = SweepSpec.from_dict(sweep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "sweep.json", {"scale": scale or "tiny", "spec": sweep, "axes": spec.axes(),
+                                     "tolerance": spec.tolerance, "metric": spec.metric, "reference": spec.reference})
+    dirs = []
+    for point in expand_points(spec):
+        d = out / point.name
+        d.mkdir(exist_ok=True)
+        cfg = point_config(config, spec, point)
+        cfg.setdefault("trainer", {})["default_root_dir"] = str(d.resolve())
+        run = next(r for r in spec.runs if r.label == point.label)
+        meta = {"point": point.name, "label": point.label, "optimizer": cfg["optimizer"].get("name", "adamw"),
+                "seed": point.seed, "values": dict(point.values), "checkpoint_every": spec.checkpoint_every,
+                "run_optimizer": run.optimizer}
+        if not (d / "config.yaml").exists():
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            _write_json(d / "point.json", meta)
+        dirs.append(d)
+    return spec, dirs
+
+
+def point_status(point_dir: str | Path) -> str:
+    """``done``/``diverged``/``failed`` (from ``result.json``), ``partial`` (a checkpoint, no result) or ``pending``."""
+    d = Path(point_dir)
+    if (d / "result.json").exists():
+        return json.loads((d / "result.json").read_text())["status"]
+    if (d / "checkpoints" / "last.ckpt").exists():
+        return "partial"
+    return "pending"
+
+
+def _final_train_loss(curve: list[dict[str, float]]) -> float:
+    losses = [r["train_loss"] for r in curve if r.get("train_loss") is not None]
+    if not losses:
+        return math.nan
+    tail = losses[-max(1, int(len(losses) * _TRAIN_LOSS_TAIL)):]
+    return float(sum(tail) / len(tail))
+
+
+def run_point(point_dir: str | Path) -> dict[str, Any]:
+    """Train one point to the end (resuming from ``checkpoints/last.ckpt``) and write ``result.json``.
+
+    A point that already has ``result.json`` is not run again; its result is returned. A
+    non-finite loss, parameter or optimizer state (caught by a :class:`NonFiniteGuard`, added
+    with ``action="raise"`` when the config has none) ends the point as ``diverged``. Any other
+    exception is re-raised, leaving the point resumable (a failed result is written only by the
+    executors, for the table).
+    """
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ..callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+    from ..callbacks.wallclock import WallClock
+    from ..cli import build_cli
+    from .record import CurveRecorder
+
+    d = Path(point_dir).resolve()
+    if (d / "result.json").exists():
+        return json.loads((d / "result.json").read_text())
+    meta = json.loads((d / "point.json").read_text())
+    config = yaml.safe_load((d / "config.yaml").read_text())
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    callbacks_cfg = [str(c.get("class_path", "")) if isinstance(c, Mapping) else "" for c in
+                     (config.get("trainer", {}).get("callbacks") or [])]
+    clock = WallClock(verbose=False)
+    recorder = CurveRecorder(clock)
+    extra: list[Any] = [recorder, ModelCheckpoint(dirpath=str(d / "checkpoints"), filename="step={step}",
+                                                  every_n_train_steps=meta["checkpoint_every"], save_last=True,
+                                                  save_top_k=0, auto_insert_metric_name=False)]
+    if not any(c.endswith("WallClock") for c in callbacks_cfg):
+        extra.insert(0, clock)
+    if not any(c.endswith("NonFiniteGuard") for c in callbacks_cfg):
+        extra.append(NonFiniteGuard(action="raise", check_state=False))
+    cli = build_cli(["--config", str(d / "config.yaml")], run=False, save_config_callback=None,
+                    trainer_defaults={"callbacks": extra})
+    trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    clocks = [c for c in trainer.callbacks if isinstance(c, WallClock)]
+    recorder.clock = clocks[0]
+    ckpt = d / "checkpoints" / "last.ckpt"
+    resumed_from = None
+    if ckpt.exists():
+        resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    status, diverged_step, error = "done", None, None
+    start = time.time()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    except NonFiniteError as err:
+        status, diverged_step, error = "diverged", trainer.global_step, str(err).splitlines()[0][:300]
+    guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    events = [e for g in guards for e in g.events]
+    if status == "done" and events:
+        status, diverged_step = "diverged", events[0]["step"]
+    evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
+    final_val = math.nan
+    if status == "done" and dm.config.val_batches > 0:
+        final_val = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
+    final_train = _final_train_loss(recorder.curve)
+    if status == "done" and not (math.isfinite(final_train) and (math.isfinite(final_val) or dm.config.val_batches == 0)):
+        status = "diverged"
+        diverged_step = next((r["step"] for r in recorder.curve if not math.isfinite(r.get("train_loss") or 0.0)),
+                             trainer.global_step)
+    s = recorder.clock.summary
+    result = {
+        "point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"], "seed": meta["seed"],
+        **meta["values"], "status": status, "final_train_loss": final_train, "final_val_loss": final_val,
+        "steps": int(trainer.global_step), "tokens": int(module.tokens_seen),
+        "train_seconds": s["train_seconds"], "elapsed_seconds": s["elapsed_seconds"],
+        "optimizer_share": s["optimizer_share"], "tokens_per_sec": s["tokens_per_sec"],
+        "diverged_step": diverged_step, "resumed_from_step": resumed_from, "error": error,
+        "this_session_seconds": time.time() - start, **evals,
+    }
+    recorder.write(d / "curve.csv")
+    _write_json(d / "result.json", result)
+    return result
+
+
+def _failed(point_dir: Path, err: str) -> dict[str, Any]:
+    """A row for a point that crashed (not written to result.json: a rerun tries it again)."""
+    meta = json.loads((point_dir / "point.json").read_text())
+    return {"point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"], "seed": meta["seed"],
+            **meta["values"], "status": "failed", "error": err[-500:]}
+
+
+def _run_subprocess(point_dir: Path) -> None:
+    log = open(point_dir / "run.log", "a")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lightning_optlab.sweep.point", str(point_dir)],
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    finally:
+        log.close()
+    if proc.returncode != 0:
+        (point_dir / "last_error.txt").write_text(f"exit status {proc.returncode}; see run.log")
+
+
+def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, scale: str | None = None,
+              executor: str = "inline", parallel: int | None = None, overrides: Mapping[str, Any] | None = None,
+              slurm: Mapping[str, Any] | None = None, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Run every unfinished point of a recipe's sweep, then write ``results.csv``; returns its rows.
+
+    Args:
+        recipe: recipe path or mapping (``scales`` and ``sweep`` sections).
+        out_dir: the sweep folder (points inside; a rerun skips finished points, resumes partial ones).
+        scale: ``tiny`` (default) or ``paper``.
+        executor: ``inline`` (this process, one after another), ``local`` (``parallel`` subprocesses
+            at a time), ``submitit-local`` or ``slurm`` (one submitit job per point).
+        parallel: points at a time for ``local`` (default: the sweep's ``parallel``).
+        overrides: a config block merged over the recipe (e.g. fewer steps).
+        slurm: submitit parameters merged over the sweep's ``slurm`` block.
+        only: run only the points whose names contain one of these strings.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    spec, dirs = prepare_sweep(recipe, out_dir, scale, overrides)
+    if only:
+        keys = list(only)
+        dirs = [d for d in dirs if any(k in d.name for k in keys)]
+    todo = [d for d in dirs if not (d / "result.json").exists()]
+    skipped = len(dirs) - len(todo)
+    print(f"sweep {out_dir}: {len(dirs)} points, {skipped} finished (skipped), {len(todo)} to run "
+          f"({sum(point_status(d) == 'partial' for d in todo)} resume from a checkpoint); executor {executor}")
+    failures: dict[str, str] = {}
+    if executor == "inline":
+        for i, d in enumerate(todo):
+            print(f"[{i + 1}/{len(todo)}] {d.name}", flush=True)
+            try:
+                run_point(d)
+            except Exception:  # noqa: BLE001 - one broken point must not end the sweep
+                failures[d.name] = traceback.format_exc()
+                (d / "last_error.txt").write_text(failures[d.name])
+            collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep
+    elif executor == "local":
+        n = parallel or spec.parallel
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            list(pool.map(_run_subprocess, todo))
+    else:
+        failures.update(_run_submitit(todo, Path(out_dir), executor, {**spec.slurm, **(slurm or {})}))
+    for d in todo:
+        if not (d / "result.json").exists() and d.name not in failures:
+            failures[d.name] = (d / "last_error.txt").read_text() if (d / "last_error.txt").exists() else "no result"
+    rows = collect(out_dir, failures=failures)
+    print(f"results: {Path(out_dir) / 'results.csv'} ({sum(r['status'] == 'done' for r in rows)} done, "
+          f"{sum(r['status'] == 'diverged' for r in rows)} diverged, {sum(r['status'] == 'failed' for r in rows)} failed, "
+          f"{sum(r['status'] in ('partial', 'pending') for r in rows)} unfinished)")
+    return rows
+
+
+def _run_submitit(todo: list[Path], out: Path, executor: str, params: Mapping[str, Any]) -> dict[str, str]:
+    import submitit
+
+    folder = out / "submitit" / "%j"
+    if executor == "submitit-local":
+        ex: Any = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=int(params.get("timeout_min", 60)))
+    else:
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        ex.update_parameters(**dict(params))
+    jobs = []
+    for d in todo:
+        if executor == "slurm":
+            ex.update_parameters(name=d.name)
+        jobs.append((d, ex.submit(run_point, str(d))))
+    print("submitted: " + ", ".join(f"{d.name} (job {j.job_id})" for d, j in jobs), flush=True)
+    failures = {}
+    for d, job in jobs:
+        try:
+            job.result()
+        except Exception as err:  # noqa: BLE001 - recorded as a failed row, resumable by a rerun
+            failures[d.name] = str(err)[-2000:]
+    return failures
+
+
+def collect(out_dir: str | Path, failures: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every point of a sweep folder as one row (finished, diverged, failed or unfinished); writes ``results.csv``."""
+    out = Path(out_dir)
+    rows = []
+    for meta_path in sorted(out.glob("*/point.json")):
+        d = meta_path.parent
+        if (d / "result.json").exists():
+            rows.append(json.loads((d / "result.json").read_text()))
+            continue
+        meta = json.loads(meta_path.read_text())
+        row = {"point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"], "seed": meta["seed"],
+               **meta["values"], "status": point_status(d)}
+        if failures and d.name in failures:
+            row["status"], row["error"] = "failed", failures[d.name].strip().splitlines()[-1][:300]
+        rows.append(row)
+    write_csv(out / "results.csv", rows)
+    return rows
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as a CSV: the fixed columns first, then axis columns, then ``eval/...`` scores."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    evals = sorted(k for k in keys if k.startswith("eval/"))
+    fixed = [c for c in RESULT_COLUMNS if c in keys or c in ("point", "label", "optimizer", "seed", "status")]
+    axes = [k for k in keys if k not in fixed and k not in evals and k != "this_session_seconds"]
+    columns = fixed[:4] + axes + fixed[4:] + evals
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """A results table with numbers parsed (empty cells become None)."""
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = {}
+            for k, v in row.items():
+                if v == "":
+                    parsed[k] = None
+                    continue
+                try:
+                    parsed[k] = int(v) if k in ("seed", "steps", "tokens") else float(v)
+                except ValueError:
+                    parsed[k] = v
+                if k in ("point", "label", "optimizer", "status", "error"):
+                    parsed[k] = v
+            out.append(parsed)
+    return out

@@ -1,0 +1,104 @@
+"""Sweeps end to end on a tiny model: skip finished points, resume a killed one, submitit, divergence."""
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from lightning_optlab.sweep import point_status, read_csv, run_sweep
+from lightning_optlab.sweep.record import read_curve
+
+HERE = Path(__file__).parent
+
+
+def _recipe(tmp_path: Path, lrs: list[float], *, optimizer: str = "adamw", callbacks: list | None = None) -> dict:
+    """A recipe dict: llama-tiny on the embedded corpus (byte tokens), 8 steps, checkpoint every 4."""
+    return {
+        "seed_everything": 0,
+        "model": {"model": {"preset": "llama-tiny", "block_size": 16}},
+        "optimizer": {"name": optimizer, "lr": 1e-3, "betas": [0.9, 0.95], "schedule": "cosine", "warmup_steps": 1},
+        "data": {"data": "embedded", "tokenizer": "bytes", "seq_len": 16, "batch_size": 4, "val_batches": 2,
+                 "work_dir": str(tmp_path.parent / "shared_data")},
+        "trainer": {"max_steps": 8, "accelerator": "cpu", "devices": 1, "val_check_interval": 4,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False, "callbacks": callbacks or []},
+        "sweep": {"grid": {"lr": lrs}, "runs": [{"label": optimizer, "optimizer": {"name": optimizer}}],
+                  "checkpoint_every": 4},
+    }
+
+
+@pytest.fixture
+def subprocess_env(monkeypatch):
+    # points of the local executor are subprocesses: one torch thread, and the test's callback importable
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_two_point_sweep_skips_finished_and_resumes_a_killed_point(tmp_path, subprocess_env):
+    marker = tmp_path / "killed"
+    killer = {"class_path": "killer.KillOnce", "init_args": {"at_step": 6, "lr": 3e-3, "marker": str(marker)}}
+    recipe = _recipe(tmp_path, [1e-3, 3e-3], callbacks=[killer])
+    out = tmp_path / "sweep"
+
+    done, killed = "adamw__lr=0.001__seed=0", "adamw__lr=0.003__seed=0"
+    run_sweep(recipe, out, executor="inline", only=["lr=0.001_"])  # the first point, in this process
+    # the second point in a subprocess of the local executor, killed after step 6 (last checkpoint: step 4)
+    rows = run_sweep(recipe, out, executor="local", parallel=1)
+    by_point = {r["point"]: r for r in rows}
+    assert marker.exists()  # the second point really was killed at step 6
+    assert by_point[done]["status"] == "done" and by_point[killed]["status"] == "failed"
+    assert point_status(out / killed) == "partial"  # a checkpoint (step 4), no result
+    finished_mtime = (out / done / "result.json").stat().st_mtime_ns
+
+    rows = run_sweep(recipe, out, executor="inline")
+    by_point = {r["point"]: r for r in rows}
+    assert (out / done / "result.json").stat().st_mtime_ns == finished_mtime  # skipped, not rerun
+    resumed = by_point[killed]
+    assert resumed["status"] == "done" and resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
+    assert resumed["tokens"] == 8 * 4 * 16  # tokens counted across the interruption, none twice
+    curve = read_curve(out / killed / "curve.csv")
+    assert [r["step"] for r in curve if r["train_loss"] is not None] == list(range(1, 9))
+
+    # oracle: the same point never interrupted (run in this process) has the same loss sequence
+    oracle = run_sweep(_recipe(tmp_path, [3e-3], callbacks=[killer]), tmp_path / "oracle", executor="inline")[0]
+    ref_curve = read_curve(tmp_path / "oracle" / killed / "curve.csv")
+    assert [r["train_loss"] for r in curve] == [r["train_loss"] for r in ref_curve]
+    assert resumed["final_val_loss"] == oracle["final_val_loss"]
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["point"] for t in table] == [done, killed]
+    assert {"optimizer", "lr", "seed", "final_train_loss", "final_val_loss", "tokens", "train_seconds",
+            "optimizer_share"} <= set(table[0])
+    assert 0 < float(table[0]["optimizer_share"]) < 1
+
+
+def test_submitit_local_executor_runs_each_point_as_a_job(tmp_path, subprocess_env):
+    out = tmp_path / "sweep"
+    rows = run_sweep(_recipe(tmp_path, [3e-3]), out, executor="submitit-local")
+    assert [r["status"] for r in rows] == ["done"]
+    jobs = [p for p in (out / "submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 1 and list(jobs[0].glob("*_result.pkl"))  # the point ran as a submitit job
+    assert math.isfinite(rows[0]["final_val_loss"]) and rows[0]["final_val_loss"] < math.log(257)
+
+
+def test_a_diverged_point_is_recorded_not_dropped_and_not_rerun(tmp_path):
+    out = tmp_path / "sweep"
+    recipe = _recipe(tmp_path, [0.01, 1e12], optimizer="sgd")
+    recipe["optimizer"]["betas"] = [0.9, 0.0]
+    rows = run_sweep(recipe, out, executor="inline")
+    by_lr = {r["lr"]: r for r in rows}
+    assert by_lr[0.01]["status"] == "done"
+    bad = by_lr[1e12]
+    assert bad["status"] == "diverged" and bad["diverged_step"] is not None and 0 <= bad["diverged_step"] < 8
+    assert "non-finite" in bad["error"]
+    table = read_csv(out / "results.csv")
+    assert [t["status"] for t in table] == ["done", "diverged"]
+    result = json.loads((out / "sgd__lr=1e+12__seed=0" / "result.json").read_text())
+    assert result["status"] == "diverged"
+    mtime = (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns
+    run_sweep(recipe, out, executor="inline")
+    assert (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns == mtime
