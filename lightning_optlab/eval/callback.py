@@ -41,7 +41,10 @@ class ZeroShotEval(Callback):
         results_dir: where lm-eval's results JSON goes (default: the checkpoint callback's folder,
             else the trainer's log dir); one ``zeroshot_step<N>.json`` per evaluation.
         distributed: ``"shard"`` (each rank scores its share of the documents; lm-eval gathers the
-            metrics on rank 0) or ``"rank_zero"`` (rank 0 evaluates, the others wait).
+            metrics on rank 0) or ``"rank_zero"`` (rank 0 evaluates, the others wait). Errors while
+            loading tasks (missing data, no network) are shared, so every rank raises; an error in
+            the middle of a sharded evaluation leaves the other ranks waiting until the process
+            group's timeout, as any failed collective does.
 
     Logged through ``trainer.loggers`` at the trainer's global step (rank 0) and put into
     ``trainer.callback_metrics`` on every rank; :attr:`history` keeps ``(step, metrics)``.

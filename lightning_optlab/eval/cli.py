@@ -17,6 +17,7 @@ import argparse
 import json
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -126,22 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["prepare"]:
         return _prepare(argv[1:])
     args = _parser().parse_args(argv)
-    from ..data.tokenizer import load_tokenizer
-    from .adapter import ModuleLM
-    from .run import HubUnreachableError, format_table, metrics_from_results, run_tasks, write_results
     from .tasks import prepare_samples
 
     tasks = [t for t in args.tasks.split(",") if t]
     ckpt = Path(args.ckpt)
+    with tempfile.TemporaryDirectory(prefix="optlab_sample_tasks_") as scratch:
+        task_dir = args.task_dir
+        if task_dir == "samples":
+            task_dir = scratch
+            prepare_samples(task_dir)
+        return _evaluate(args, tasks, ckpt, task_dir)
+
+
+def _evaluate(args: argparse.Namespace, tasks: list[str], ckpt: Path, task_dir: str | None) -> int:
+    from ..data.tokenizer import load_tokenizer
+    from .adapter import ModuleLM
+    from .run import HubUnreachableError, format_table, metrics_from_results, run_tasks, write_results
+
     try:
         model, _ = load_checkpoint_model(ckpt, trust=args.trust_checkpoint)
         tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(ckpt))
-        task_dir = args.task_dir
-        if task_dir == "samples":
-            import tempfile
-
-            task_dir = Path(tempfile.mkdtemp(prefix="optlab_sample_tasks_"))
-            prepare_samples(task_dir)
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         lm = ModuleLM(model.to(args.device), tokenizer, batch_size=args.batch_size, max_length=args.max_length)
         results = run_tasks(lm, tasks, task_dir=task_dir, limit=limit, num_fewshot=args.num_fewshot)

@@ -10,10 +10,12 @@ installed built-in YAMLs). ``TaskManager(include_path=folder)`` then loads them 
 Published formats read here:
 
 * ARC (Clark et al. 2018, "Think you have Solved Question Answering? Try ARC"): the AI2 release
-  ``ARC-V1-Feb2018`` — ``ARC-Easy/ARC-Easy-Test.jsonl`` and ``ARC-Challenge/ARC-Challenge-Test.jsonl``,
+  ``ARC-V1-Feb2018`` — ``ARC-Easy/ARC-Easy-Test.jsonl`` and ``ARC-Challenge/ARC-Challenge-Test.jsonl``
+  (``-Train``/``-Dev`` beside them become the few-shot splits, as in lm-eval),
   one ``{"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}`` per line (the
   hub's flattened schema ``{"question": str, "choices": {"text": [...], "label": [...]}}`` is accepted too).
-* HellaSwag (Zellers et al. 2019): ``hellaswag_val.jsonl`` with ``activity_label``, ``ctx_a``,
+* HellaSwag (Zellers et al. 2019): ``hellaswag_val.jsonl`` (and ``hellaswag_train.jsonl``, the
+  few-shot split, when present) with ``activity_label``, ``ctx_a``,
   ``ctx_b``, ``endings``, ``label`` per line (lm-eval scores the validation split; the test split
   has no labels). The documents are preprocessed as lm-eval's task does (below).
 * MMLU (Hendrycks et al. 2021, "Measuring Massive Multitask Language Understanding"): the
@@ -109,9 +111,15 @@ def _prepare_arc(source: Path, out: Path) -> list[str]:
             src = _find(source, f"{subset}-Test.jsonl")
         except FileNotFoundError:
             continue
-        data = _write_jsonl(out / task / "test.jsonl", map(_arc_doc, _read_jsonl(src)))
+        files = {"test": _write_jsonl(out / task / "test.jsonl", map(_arc_doc, _read_jsonl(src)))}
+        splits = {}
+        for split, part in (("train", "Train"), ("validation", "Dev")):  # few-shot sources, when present
+            other = src.with_name(f"{subset}-{part}.jsonl")
+            if other.is_file():
+                files[split] = _write_jsonl(out / task / f"{split}.jsonl", map(_arc_doc, _read_jsonl(other)))
+                splits[f"{'training' if split == 'train' else 'validation'}_split"] = split
         _write_yaml(out / task / f"{task}.yaml", {
-            "task": task, **_json_dataset({"test": data}), "output_type": "multiple_choice", "test_split": "test",
+            "task": task, **_json_dataset(files), "output_type": "multiple_choice", **splits, "test_split": "test",
             "doc_to_text": _ARC_PROMPT, "doc_to_target": "{{choices.label.index(answerKey)}}",
             "doc_to_choice": "{{choices.text}}", "should_decontaminate": True,
             "doc_to_decontamination_query": _ARC_PROMPT, "metric_list": [_ACC, _ACC_NORM],
@@ -140,10 +148,16 @@ def _hellaswag_doc(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _prepare_hellaswag(source: Path, out: Path) -> list[str]:
     src = _find(source, "hellaswag_val.jsonl")
-    data = _write_jsonl(out / "hellaswag" / "validation.jsonl", map(_hellaswag_doc, _read_jsonl(src)))
+    files = {"validation": _write_jsonl(out / "hellaswag" / "validation.jsonl",
+                                        map(_hellaswag_doc, _read_jsonl(src)))}
+    splits = {}
+    train = src.with_name("hellaswag_train.jsonl")
+    if train.is_file():  # the few-shot source, when present
+        files["train"] = _write_jsonl(out / "hellaswag" / "train.jsonl", map(_hellaswag_doc, _read_jsonl(train)))
+        splits["training_split"] = "train"
     # The documents are preprocessed here, so the YAML needs no process_docs function.
     _write_yaml(out / "hellaswag" / "hellaswag.yaml", {
-        "task": "hellaswag", **_json_dataset({"validation": data}), "output_type": "multiple_choice",
+        "task": "hellaswag", **_json_dataset(files), "output_type": "multiple_choice", **splits,
         "validation_split": "validation", "doc_to_text": "{{query}}", "doc_to_target": "{{label}}",
         "doc_to_choice": "choices", "metric_list": [_ACC, _ACC_NORM],
         "metadata": {"version": 1.0, "source": str(src.resolve())}})

@@ -63,6 +63,8 @@ def test_unsafe_checkpoint_needs_an_explicit_opt_in(run, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "weights_only=True refuses" in err and "--trust-checkpoint" in err
     assert main(args + ["--trust-checkpoint"]) == 0
+    assert main(args[:4] + ["--task-dir", "samples", "--tasks", "mmlu", "--trust-checkpoint"]) == 0
+    assert "| unsafe.ckpt |" in capsys.readouterr().out
 
 
 def test_prepare_and_eval_report_bad_input(tmp_path, capsys):

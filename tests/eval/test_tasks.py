@@ -126,6 +126,20 @@ def test_lm_eval_accuracies_equal_a_hand_computation(task_dir, lm):
     assert metrics["eval/mmlu/acc"] == pytest.approx(correct / total)  # size-weighted over subjects
 
 
+def test_train_and_dev_files_become_the_few_shot_splits(tmp_path, lm):
+    import shutil
+
+    arc = tmp_path / "ARC-V1-Feb2018" / "ARC-Easy"
+    arc.mkdir(parents=True)
+    shutil.copy(sample_data_dir() / "ARC-V1-Feb2018/ARC-Easy/ARC-Easy-Test.jsonl", arc)
+    shutil.copy(arc / "ARC-Easy-Test.jsonl", arc / "ARC-Easy-Train.jsonl")
+    assert prepare_tasks(tmp_path / "t", arc=tmp_path / "ARC-V1-Feb2018") == ["arc_easy"]
+    ours = yaml.safe_load((tmp_path / "t/arc_easy/arc_easy.yaml").read_text())
+    assert ours["training_split"] == "train" and "validation_split" not in ours
+    res = run_tasks(lm, ["arc_easy"], task_dir=tmp_path / "t", limit=2, num_fewshot=1)
+    assert res["n-shot"]["arc_easy"] == 1 and res["results"]["arc_easy"]["acc,none"] in (0.0, 0.5, 1.0)
+
+
 def test_limit_and_a_missing_task_name(task_dir, lm):
     res = run_tasks(lm, ["arc_easy"], task_dir=task_dir, limit=3)
     assert res["n-samples"]["arc_easy"]["effective"] == 3
