@@ -12,6 +12,11 @@ amortized, relative to the model's forward+backward.
 
     python benchmarks/optim_step.py                    # CPU, d=256, 4 layers
     python benchmarks/optim_step.py --device cuda --width 768 --layers 12 --vocab 50304
+    python benchmarks/optim_step.py --peers-only --threads 1   # SOAP, Shampoo, Muon vs their peers
+
+The last table times our SOAP, Shampoo and Muon against pytorch_optimizer's SOAP and Shampoo and
+torch.optim.Muon (when installed: ``pip install -e .[bench]``) on the hidden matrices, in the
+same run, interleaved.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class ParamSet(torch.nn.Module):
             self.blocks.append(blk)
         self.ln_f = torch.nn.LayerNorm(d)
         self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+
+def _grads(model: torch.nn.Module, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return [torch.randn(p.shape, generator=g).mul_(1e-3).to(device) for p in model.parameters()]
 
 
 def _sync(device: torch.device) -> None:
@@ -138,6 +148,70 @@ def _estimator_cost(args: argparse.Namespace, device: torch.device) -> tuple[flo
     return statistics.median(plain), statistics.median(with_est) - statistics.median(plain)
 
 
+#: the issue's bars against peer implementations (ours / peer, same parameters, same frequency)
+PEER_BARS = {"soap": 0.5, "shampoo": 0.5, "muon": 1.0}
+
+
+def _peers(hidden: list[torch.Tensor]) -> dict[str, tuple[object, object, str]]:
+    """``{row: (ours, peer, peer name)}`` on the hidden matrices, for the peers that are installed."""
+    from lightning_optlab.optim import SOAP, Muon, Shampoo
+
+    out: dict[str, tuple[object, object, str]] = {}
+    try:
+        import pytorch_optimizer as po
+    except ImportError:
+        po = None
+    if po is not None:
+        out["soap"] = (SOAP(hidden, lr=3e-3, weight_decay=0.01, precondition_frequency=10),
+                       po.SOAP(hidden, lr=3e-3, weight_decay=0.01, precondition_frequency=10),
+                       "pytorch_optimizer.SOAP")
+        out["shampoo"] = (Shampoo(hidden, lr=1e-3, precondition_frequency=10),
+                          po.Shampoo(hidden, lr=1e-3, preconditioning_compute_steps=10),
+                          "pytorch_optimizer.Shampoo")
+    if hasattr(torch.optim, "Muon"):
+        out["muon"] = (Muon(hidden, lr=0.02), torch.optim.Muon(hidden, lr=0.02), "torch.optim.Muon")
+    return out
+
+
+def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> None:
+    """Our matrix preconditioners against peer implementations on the hidden matrices (the
+    attention and MLP weights: the embedding and readout's vocabulary side would cost the peers,
+    which precondition every side, minutes per refresh), interleaved, f = 10 for all, so each
+    10-step round holds one refresh: the times are amortized over ``--rounds`` refreshes."""
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks") and p.ndim == 2]
+    pairs = _peers(hidden)
+    if not pairs:
+        print("\npeers: none installed (pip install pytorch_optimizer; torch>=2.9 has torch.optim.Muon)")
+        return
+    for row, (ours, peer, name) in list(pairs.items()):  # warm-up: state, first eigendecompositions
+        try:
+            for opt in (ours, peer):
+                for _ in range(3):
+                    opt.step()
+        except RuntimeError as err:  # a peer's root computation can fail on these factors
+            print(f"\n{row}: {name} failed during warm-up, left out: {str(err).splitlines()[0]}")
+            del pairs[row]
+    initial = [p.detach().clone() for p in hidden]
+    times: dict[str, tuple[list[float], list[float]]] = {row: ([], []) for row in pairs}
+    for r in range(args.rounds):
+        for row, (ours, peer, _) in pairs.items():
+            order = ((ours, 0), (peer, 1)) if r % 2 == 0 else ((peer, 1), (ours, 0))
+            for opt, i in order:
+                times[row][i].append(_time_steps(opt, device, args.steps))
+                with torch.no_grad():
+                    for p, p0 in zip(hidden, initial):
+                        p.copy_(p0)
+    n = sum(p.numel() for p in hidden)
+    print(f"\nmatrix preconditioners vs peers on the {len(hidden)} hidden matrices ({n:,} parameters), "
+          f"f=10, amortized over {args.rounds} rounds of {args.steps} steps")
+    print(f"{'optimizer':<10}{'peer':<28}{'ours ms':>9}{'peer ms':>9}{'ratio':>7}{'bar':>6}{'ok':>5}")
+    for row, (ours_t, peer_t) in times.items():
+        ratio = statistics.median([a / b for a, b in zip(ours_t, peer_t)])
+        bar = PEER_BARS[row]
+        print(f"{row:<10}{pairs[row][2]:<28}{statistics.median(ours_t) * 1e3:>9.2f}"
+              f"{statistics.median(peer_t) * 1e3:>9.2f}{ratio:>7.2f}{bar:>6.1f}{'yes' if ratio <= bar else 'NO':>5}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -150,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median is reported)")
     p.add_argument("--baseline", choices=["foreach", "fused"], default="fused")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--optimizers", default="", help="comma-separated subset (default: all registered)")
+    p.add_argument("--no-peers", action="store_true", help="skip the comparison with peer implementations")
+    p.add_argument("--peers-only", action="store_true", help="only the comparison with peer implementations")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     labels = [canonical_name(o) for o in args.optimizers.split(",") if o] or available_optimizers()
@@ -163,9 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         labels.insert(0, "adamw")
 
     model = ParamSet(args.vocab, args.width, args.layers).to(device)
+    if args.peers_only:
+        for p, gr in zip(model.parameters(), _grads(model, device)):
+            p.grad = gr
+        _peer_section(model, args, device)
+        return 0
     n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator(device="cpu").manual_seed(1)
-    grads = [torch.randn(p.shape, generator=g).mul_(1e-3).to(device) for p in model.parameters()]
+    grads = _grads(model, device)
     opts = {}
     for lab in labels:
         opts[lab] = _make(lab, model, args)
@@ -200,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nSophia-G estimator on the same-size GPT ({args.batch}x{args.seq} tokens): training step "
               f"{fb * 1e3:.2f} ms; one estimate adds {est * 1e3:.2f} ms ({est / fb:.2f}x), "
               f"amortized over update_period={period}: {est / period * 1e3:.2f} ms/step ({est / fb / period:.3f}x)")
+    if not args.no_peers:
+        _peer_section(model, args, device)
     return 0
 
 
