@@ -165,3 +165,30 @@ def test_hub_task_without_network_fails_fast_and_says_what_to_do(monkeypatch, lm
     start = time.perf_counter()
     assert hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - start < 3
+
+
+def test_cache_only_mode_without_the_data_fails_fast_too(tmp_path):
+    """HF_DATASETS_OFFLINE/HF_HUB_OFFLINE skip the hub check and read the cache; an empty cache
+    gives the same clear error (the built-in index is limited to the tasks' folders: seconds, not 13 s)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import time, torch
+from lightning_optlab.eval import HubUnreachableError, ModuleLM, run_tasks
+from lightning_optlab.data.tokenizer import ByteTokenizer
+from lightning_optlab.models import GPT, GPTConfig
+lm = ModuleLM(GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16)), ByteTokenizer())
+start = time.perf_counter()
+try:
+    run_tasks(lm, ["arc_easy", "mmlu"])
+except HubUnreachableError as err:
+    print("clear" if "optlab eval prepare" in str(err) else "unclear", round(time.perf_counter() - start, 1))
+"""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    verdict, seconds = out.stdout.split()[-2:]
+    assert verdict == "clear", out.stderr[-2000:]
+    assert float(seconds) < 15
