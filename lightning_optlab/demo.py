@@ -147,7 +147,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 self.val.append((trainer.global_step, self.clock.summary["train_seconds"],
                                  float(trainer.callback_metrics["val/loss"])))
 
-    zeroshot = _ZeroShot(out / "zeroshot_tasks") if cfg.zeroshot else None
+    zeroshot = None
+    if cfg.zeroshot:
+        try:
+            zeroshot = _ZeroShot(out / "zeroshot_tasks")
+        except ImportError as err:  # lm-eval is the optional `eval` extra
+            print(f"zero-shot table skipped: {err} (pip install 'lightning_optlab[eval]')")
     labels = cfg.optimizers or _default_selection()
     runs = [(lab, kw) for lab, kw in DEFAULT_RUNS if lab in labels]
     results: dict[str, Any] = {}
