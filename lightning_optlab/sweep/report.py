@@ -172,6 +172,14 @@ def format_race(races: Mapping[str, Mapping[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    """One colour per label, the same in every plot of a report (labels sorted)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(sorted(labels))}
+
+
 def _log_axis(axis: str, values: Sequence[float]) -> bool:
     pos = [v for v in values if v > 0]
     return axis == "lr" or (len(pos) == len(values) and len(pos) > 1 and max(pos) / min(pos) >= 10)
@@ -190,22 +198,22 @@ def plot_axis(rows: Sequence[Mapping[str, Any]], axis: str, path: str | Path, *,
     finite_losses = [e["loss"] for es in groups.values() for e in es if math.isfinite(e["loss"])]
     top = max(finite_losses) if finite_losses else 1.0
     all_x: list[float] = []
-    for label, entries in groups.items():
+    colors = _colors(list(groups))
+    for label, entries in sorted(groups.items()):
         best = min(entries, key=lambda e: e["loss"])
         line = sorted(_slice(entries, axis, best["values"]), key=lambda e: float(e["values"][axis]))
         xs = [float(e["values"][axis]) for e in line]
         all_x += xs
         ok = [(x, e["loss"]) for x, e in zip(xs, line) if math.isfinite(e["loss"])]
         bad = [x for x, e in zip(xs, line) if not math.isfinite(e["loss"])]
-        color = None
+        color = colors[label]
         if ok:
-            (h,) = ax.plot(*zip(*ok), marker="o", ms=4, label=label)
-            color = h.get_color()
+            ax.plot(*zip(*ok), marker="o", ms=4, label=label, color=color)
             if math.isfinite(best["loss"]):
                 ax.plot([float(best["values"][axis])], [best["loss"]], marker="*", ms=14, color=color,
                         markeredgecolor="black", zorder=5)
         if bad:
-            ax.plot(bad, [top] * len(bad), linestyle="none", marker="x", ms=8, color=color or "gray",
+            ax.plot(bad, [top] * len(bad), linestyle="none", marker="x", ms=8, color=color,
                     label=None if ok else f"{label} (diverged)")
     if _log_axis(axis, all_x):
         ax.set_xscale("log")
@@ -258,7 +266,8 @@ def race(curves: Mapping[str, list[tuple[int, float, float]]], reference: str) -
     return out
 
 
-def plot_curves(curves: Mapping[str, list[tuple[int, float, float]]], path: str | Path, *, smooth: int = 10) -> bool:
+def plot_curves(curves: Mapping[str, list[tuple[int, float, float]]], path: str | Path, *, smooth: int = 10,
+                labels: Sequence[str] | None = None) -> bool:
     """Training loss (moving average of ``smooth`` steps) against steps and wall-clock, best point per label."""
     import matplotlib
 
@@ -268,10 +277,11 @@ def plot_curves(curves: Mapping[str, list[tuple[int, float, float]]], path: str 
     if not curves:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for label, curve in curves.items():
+    colors = _colors(list(labels or curves))  # labels: every label of the report, for the same colours
+    for label, curve in sorted(curves.items()):
         steps, secs, losses = zip(*curve)
-        a1.plot(steps, losses, label=label)
-        a2.plot(secs, losses, label=label)
+        a1.plot(steps, losses, label=label, color=colors[label])
+        a2.plot(secs, losses, label=label, color=colors[label])
     a1.set(xlabel="optimizer step", ylabel=f"training loss (moving average, {smooth} steps)", title="loss vs steps")
     a2.set(xlabel="training wall-clock (s, validation excluded)", title="loss vs wall-clock")
     for a in (a1, a2):
@@ -310,7 +320,7 @@ def build_report(runs_dir: str | Path, *, tolerance: float | None = None, metric
         files.append(out / name)
         figures.append(f"![final loss vs {axis}]({name})")
     curves = {s["label"]: c for s in summaries if (c := best_curve(runs, rows, s)) is not None}
-    if plot_curves(curves, out / "loss_curves.png"):
+    if plot_curves(curves, out / "loss_curves.png", labels=[s["label"] for s in summaries]):
         files.append(out / "loss_curves.png")
         figures.append("![loss vs steps and wall-clock](loss_curves.png)")
     reference = meta.get("reference")
