@@ -27,7 +27,8 @@ __all__ = ["main", "load_checkpoint_model", "find_tokenizer"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optlab eval", description="zero-shot evaluation of a checkpoint with lm-eval")
+    parser = argparse.ArgumentParser(prog="optlab eval",
+                                     description="zero-shot evaluation of a checkpoint with lm-eval")
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint of CausalLMModule")
     parser.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,mmlu",
                         help="comma-separated lm-eval tasks (default: the four of the budget study)")

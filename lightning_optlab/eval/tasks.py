@@ -47,7 +47,8 @@ SAMPLE_TASKS = DEFAULT_TASKS
 _ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 _ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
 _ARC_PROMPT = "Question: {{question}}\nAnswer:"
-_MMLU_PROMPT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+_MMLU_PROMPT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}"
+                "\nAnswer:")
 
 
 def sample_data_dir() -> Path:
@@ -245,4 +246,5 @@ def prepare_tasks(out_dir: str | Path, *, arc: str | Path | None = None, hellasw
 def prepare_samples(out_dir: str | Path) -> list[str]:
     """:func:`prepare_tasks` on the shipped sample files (tiny, written by this project)."""
     root = sample_data_dir()
-    return prepare_tasks(out_dir, arc=root / "ARC-V1-Feb2018", hellaswag=root / "hellaswag", mmlu=root / "mmlu" / "data")
+    return prepare_tasks(out_dir, arc=root / "ARC-V1-Feb2018", hellaswag=root / "hellaswag",
+                         mmlu=root / "mmlu" / "data")

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from lightning_optlab.configure import OptimizerSpec
 from lightning_optlab.data.tokenizer import ByteTokenizer
-from lightning_optlab.eval import HubUnreachableError, ModuleLM, ZeroShotEval, metrics_from_results, prepare_samples, run_tasks
+from lightning_optlab.eval import (HubUnreachableError, ModuleLM, ZeroShotEval, metrics_from_results, prepare_samples,
+                                   run_tasks)
 from lightning_optlab.lit import CausalLMModule
 from lightning_optlab.models import GPT, GPTConfig
 
@@ -119,7 +120,8 @@ def test_tokenizer_from_the_datamodule_and_hub_failure_without_network(task_dir,
     del module.tokenizer
     cb = ZeroShotEval(["arc_easy"], task_dir=task_dir, limit=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                        default_root_dir=tmp_path)
     trainer.fit(module, datamodule=Data())
     assert (tmp_path / "zeroshot_step1.json").is_file() and "eval/arc_easy/acc" in trainer.callback_metrics
     # the built-in (hub) tasks without network: a fast, clear error
