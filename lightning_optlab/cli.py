@@ -133,6 +133,7 @@ def optlab_cli_class() -> type:
 
             kwargs.setdefault("auto_configure_optimizers", False)
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config
+            kwargs.setdefault("parser_kwargs", {"prog": "optlab"})
             super().__init__(CausalLMModule, LMDataModule, *args, **kwargs)
 
         @staticmethod

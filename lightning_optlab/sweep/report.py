@@ -126,7 +126,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "final_val_los
             line = _slice(entries, axis, best["values"])
             rng = stability_range([float(e["values"][axis]) for e in line], [e["loss"] for e in line], tolerance)
             s["axis"], s["range"] = axis, rng
-            if rng is not None and rng[0] > 0:
+            # a width in decades for log-scale axes (the learning rate); momentum's range is given as is
+            if rng is not None and rng[0] > 0 and _log_axis(axis, [float(e["values"][axis]) for e in line]):
                 s["width_decades"] = math.log10(rng[1] / rng[0])
         out.append(s)
     return sorted(out, key=lambda s: (not math.isfinite(s["best_loss"]), s["best_loss"]))

@@ -56,12 +56,16 @@ def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, s
                   overrides: Mapping[str, Any] | None = None) -> tuple[SweepSpec, list[Path]]:
     """Write ``sweep.json`` and every point's ``point.json`` and ``config.yaml``; return the point folders.
 
-    ``overrides`` (a config block, e.g. ``{"trainer": {"max_steps": 10}}``) is merged over the recipe.
+    ``overrides`` (a config block, e.g. ``{"trainer": {"max_steps": 10}}``) is merged over the recipe;
+    its ``sweep`` key, if any, over the sweep section.
     A point folder that already has a config keeps it (a rerun must not change a half-run point).
     """
     from .recipe import deep_merge
 
     config, sweep = resolve_recipe(recipe, scale)
+    overrides = dict(overrides or {})
+    if overrides.get("sweep"):  # `--set sweep.checkpoint_every=10` changes the sweep, not the runs' config
+        sweep = deep_merge(sweep or {}, overrides.pop("sweep"))
     if overrides:
         config = deep_merge(config, overrides)
     spec = SweepSpec.from_dict(sweep)
@@ -139,7 +143,9 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         extra.insert(0, clock)
     if not any(c.endswith("NonFiniteGuard") for c in callbacks_cfg):
         extra.append(NonFiniteGuard(action="raise", check_state=False))
-    cli = build_cli(["--config", str(d / "config.yaml")], run=False, save_config_callback=None,
+    # the point's own ModelCheckpoint makes it resumable, whatever the recipe says about checkpointing
+    cli = build_cli(["--config", str(d / "config.yaml"), "--trainer.enable_checkpointing", "true"], run=False,
+                    save_config_callback=None,
                     trainer_defaults={"callbacks": extra})
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     clocks = [c for c in trainer.callbacks if isinstance(c, WallClock)]

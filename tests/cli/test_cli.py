@@ -124,3 +124,17 @@ def test_a_missing_subcommand_module_is_a_clear_error(monkeypatch, capsys):
 def test_unknown_command(capsys):
     assert main(["fitt"]) == 2
     assert "unknown command 'fitt'" in capsys.readouterr().err
+
+
+def test_sweep_and_report_subcommands(recipe, tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(recipe), "--out", str(out), "--set", "trainer.max_steps=2",
+                 "--set", "sweep.checkpoint_every=1"]) == 0
+    result = yaml.safe_load((out / "adamw__lr=0.001__seed=0" / "result.json").read_text())
+    assert result["status"] == "done" and result["steps"] == 2  # --set reached the point's config
+    assert "| adamw | adamw |" in capsys.readouterr().out
+    assert main(["report", str(out), "--tolerance", "0.5"]) == 0
+    assert "within 0.5 nats" in (out / "report.md").read_text()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "results.csv not found" in capsys.readouterr().err
