@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = build_report(out)
                 print(report["table"])
                 print(f"report: {Path(out) / 'report.md'}")
-            return 0 if all(r["status"] in ("done", "diverged") for r in rows) else 1
+            return 1 if any(r["status"] == "failed" for r in rows) else 0  # a point crashed: say so
         report = build_report(args.runs_dir, tolerance=args.tolerance, metric=args.metric, out_dir=args.out)
         print(report["markdown"])
         return 0

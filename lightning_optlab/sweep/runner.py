@@ -58,7 +58,8 @@ def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, s
 
     ``overrides`` (a config block, e.g. ``{"trainer": {"max_steps": 10}}``) is merged over the recipe;
     its ``sweep`` key, if any, over the sweep section.
-    A point folder that already has a config keeps it (a rerun must not change a half-run point).
+    A point that has started (a checkpoint or a result) keeps its config: a rerun must not change a
+    half-run point; one that has not started takes the recipe as it is now.
     """
     from .recipe import deep_merge
 
@@ -83,7 +84,7 @@ def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, s
         meta = {"point": point.name, "label": point.label, "optimizer": cfg["optimizer"].get("name", "adamw"),
                 "seed": point.seed, "values": dict(point.values), "checkpoint_every": spec.checkpoint_every,
                 "run_optimizer": run.optimizer}
-        if not (d / "config.yaml").exists():
+        if point_status(d) == "pending":  # not started: (re)write; a started point keeps the config it began with
             (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             _write_json(d / "point.json", meta)
         dirs.append(d)
@@ -238,7 +239,7 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
             print(f"[{i + 1}/{len(todo)}] {d.name}", flush=True)
             try:
                 run_point(d)
-            except Exception:  # noqa: BLE001 - one broken point must not end the sweep
+            except (Exception, SystemExit):  # noqa: BLE001 - one broken point (or bad config) must not end the sweep
                 failures[d.name] = traceback.format_exc()
                 (d / "last_error.txt").write_text(failures[d.name])
             collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep
