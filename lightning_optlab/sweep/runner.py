@@ -184,8 +184,9 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         "diverged_step": diverged_step, "resumed_from_step": resumed_from, "error": error,
         "this_session_seconds": time.time() - start, **evals,
     }
-    recorder.write(d / "curve.csv")
-    _write_json(d / "result.json", result)
+    if trainer.is_global_zero:  # under DDP (one SLURM task per GPU) every rank gets here; one writes
+        recorder.write(d / "curve.csv")
+        _write_json(d / "result.json", result)
     return result
 
 

@@ -102,3 +102,14 @@ def test_a_diverged_point_is_recorded_not_dropped_and_not_rerun(tmp_path):
     mtime = (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns
     run_sweep(recipe, out, executor="inline")
     assert (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_a_bad_point_config_fails_that_point_and_a_fixed_recipe_reruns_it(tmp_path):
+    out = tmp_path / "sweep"
+    recipe = _recipe(tmp_path, [1e-3])
+    recipe["optimizer"]["warmup_steps"] = 20  # more than max_steps: the parser rejects the point
+    (row,) = run_sweep(recipe, out, executor="inline")
+    assert row["status"] == "failed" and point_status(out / row["point"]) == "pending"
+    recipe["optimizer"]["warmup_steps"] = 1
+    (row,) = run_sweep(recipe, out, executor="inline")  # a point that never started takes the fixed config
+    assert row["status"] == "done"
