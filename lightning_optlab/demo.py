@@ -114,6 +114,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from .callbacks.health import PreconditionerHealth
+    from .callbacks.nonfinite import NonFiniteGuard
+    from .callbacks.stability import StabilityMonitor
     from .callbacks.wallclock import WallClock
     from .configure import OptimizerSpec
     from .data.corpus import write_embedded_shards
@@ -166,10 +169,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         module = CausalLMModule({"preset": cfg.preset, "block_size": cfg.seq_len}, spec)
         clock = WallClock(verbose=False)
         curves = Curves(clock)
+        slug = label.replace("+", "_").replace("(", "_").replace(")", "")
+        health = PreconditionerHealth(every_n_steps=max(1, cfg.steps // 6),
+                                      plot_path=out / "health" / f"{slug}.png")
+        watch = [clock, curves, health, StabilityMonitor(every_n_steps=max(1, cfg.steps // 6)), NonFiniteGuard()]
         trainer = L.Trainer(
             max_steps=cfg.steps, accelerator="cpu", devices=1, enable_checkpointing=False,
             logger=TensorBoardLogger(out / "tensorboard", name=label.replace("+", "_"), version=""),
-            enable_model_summary=False, callbacks=[clock, curves], val_check_interval=cfg.val_every,
+            enable_model_summary=False, callbacks=watch, val_check_interval=cfg.val_every,
             check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=True,
             log_every_n_steps=10,
         )
@@ -184,6 +191,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "optimizer_ms_per_step": 1e3 * s["optimizer_seconds"] / max(1, s["steps"]),
             "train_seconds": s["train_seconds"], "steps": s["steps"], "tokens": s["tokens"],
             "val_curve": curves.val, "params": sum(p.numel() for p in module.parameters()),
+            "health_plot": str(health.written_plot) if health.written_plot else None,
         }
         if zeroshot is not None:  # the module holds Schedule-Free's x here (the switch ran at train end)
             results[label]["zeroshot"] = zeroshot(module, dm.tokenizer)
@@ -272,8 +280,15 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
         )
     table_end = len(lines)
     lines += _zeroshot_lines(results)
-    lines += ["", "![validation loss](loss_curves.png)", "",
-              f"TensorBoard: `tensorboard --logdir {out / 'tensorboard'}`", ""]
+    lines += ["", "![validation loss](loss_curves.png)", ""]
+    plots = [(label, r["health_plot"]) for label, r in ranked if r.get("health_plot")]
+    if plots:
+        lines += ["Effective learning rates per layer over training (PreconditionerHealth):", ""]
+        lines += [f"- {label}: [{Path(path).relative_to(out)}]({Path(path).relative_to(out)})" for label, path in plots]
+        lines += [""]
+    lines += ["Every run also logs the optimizer's health statistics, attention-logit and output-logit "
+              "statistics (StabilityMonitor) and the step-time split (WallClock) to TensorBoard, under a "
+              "NonFiniteGuard.", "", f"TensorBoard: `tensorboard --logdir {out / 'tensorboard'}`", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n" + "\n".join(lines[:table_end]))

@@ -29,6 +29,15 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert [step for step, _, _ in r["val_curve"]] == [2, 4, 6, 8]
     assert 0 < r["optimizer_share"] < 1 and r["tokens_per_sec"] > 0
     assert r["final_val_loss"] < 6.94  # below the uniform loss over the 1024-token vocabulary, ln(1024)
+    # the pack's callbacks ran: health figures per run, and their statistics in TensorBoard
+    for label in ("adamw", "sgd+adalayer(readout+norm)"):
+        assert (out / results[label]["health_plot"].split(str(out) + "/")[-1]).stat().st_size > 1000
+    assert "Effective learning rates per layer" in report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard" / "adamw")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"health/hidden/eff_lr_q50", "stability/logit_rms", "val/loss"} <= tags, sorted(tags)
     # the demo ends with lm-eval zero-shot accuracy on the shipped sample tasks, for every run
     assert "## Zero-shot accuracy on the sample tasks" in report and "| adamw | " in report.split("Zero-shot")[-1]
     for label in ("adamw", "sgd+adalayer(readout+norm)"):
