@@ -23,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .record import read_curve
 from .runner import read_csv
 
 __all__ = ["aggregate", "numeric_axes", "stability_range", "summarize", "format_table", "format_race", "race",
@@ -241,6 +240,8 @@ def best_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary:
     path = Path(runs_dir) / str(point) / "curve.csv"
     if point is None or not path.exists():
         return None
+    from .record import read_curve  # (imports Lightning: only when curves are drawn)
+
     curve = [r for r in read_curve(path) if r["train_loss"] is not None]
     if not curve:
         return None

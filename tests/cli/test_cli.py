@@ -138,3 +138,11 @@ def test_sweep_and_report_subcommands(recipe, tmp_path, capsys):
     assert "within 0.5 nats" in (out / "report.md").read_text()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "results.csv not found" in capsys.readouterr().err
+
+
+def test_optlab_and_the_sweep_package_import_without_lightning():
+    import subprocess
+
+    code = ("import sys, lightning_optlab.cli, lightning_optlab.sweep; "
+            "sys.exit(1 if 'lightning' in sys.modules or 'matplotlib' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # `optlab optimizers` stays instant

@@ -96,3 +96,18 @@ def test_race_to_the_reference_loss():
     assert r["adamw"]["step"] == 4 and r["adamw"]["step_ratio"] == 1.0
     assert r["soap"]["step"] == 2 and r["soap"]["step_ratio"] == 0.5 and r["soap"]["seconds_ratio"] == 1.0
     assert r["sgd"]["step"] is None
+
+
+def test_momentum_axis_range_without_decades_and_its_plot(tmp_path):
+    rows = []
+    for label, losses in (("sgd", [3.9, 3.5, 3.42, 3.6]), ("adamw", [3.2, 3.1, 3.15, 3.3])):
+        for m, loss in zip([0.8, 0.9, 0.95, 0.98], losses):
+            rows.append({"point": f"{label}__momentum={m}__seed=0", "label": label, "optimizer": label, "seed": 0,
+                         "momentum": m, "status": "done", "final_val_loss": loss})
+    write_csv(tmp_path / "results.csv", rows)
+    report = build_report(tmp_path)
+    by_label = {s["label"]: s for s in report["summaries"]}
+    assert by_label["adamw"]["best"] == {"momentum": 0.9} and by_label["adamw"]["range"] == (0.8, 0.95)
+    assert by_label["sgd"]["range"] == (0.9, 0.95) and by_label["sgd"]["width_decades"] is None
+    assert "| sgd | sgd | 3.4200 | momentum=0.95 | [0.9, 0.95] | - | 4 (0) |" in report["table"]
+    assert (tmp_path / "loss_vs_momentum.png").stat().st_size > 5000
