@@ -109,69 +109,74 @@ def _final_train_loss(curve: list[dict[str, float]]) -> float:
     return float(sum(tail) / len(tail))
 
 
+def _point_callbacks(config: Mapping[str, Any], point_dir: Path, checkpoint_every: int) -> tuple[list[Any], Any]:
+    """The callbacks a point adds to its recipe's: curve recorder, resumable checkpoints, and a
+    WallClock and a NonFiniteGuard when the recipe has none. Returns ``(callbacks, recorder)``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ..callbacks.nonfinite import NonFiniteGuard
+    from ..callbacks.wallclock import WallClock
+    from .record import CurveRecorder
+
+    named = [str(c.get("class_path", "")) if isinstance(c, Mapping) else "" for c in
+             ((config.get("trainer") or {}).get("callbacks") or [])]
+    clock = WallClock(verbose=False)
+    recorder = CurveRecorder(clock)
+    extra: list[Any] = [recorder, ModelCheckpoint(dirpath=str(point_dir / "checkpoints"), filename="step={step}",
+                                                  every_n_train_steps=checkpoint_every, save_last=True,
+                                                  save_top_k=0, auto_insert_metric_name=False)]
+    if not any(c.endswith("WallClock") for c in named):
+        extra.insert(0, clock)
+    if not any(c.endswith("NonFiniteGuard") for c in named):
+        extra.append(NonFiniteGuard(action="raise", check_state=False))
+    return extra, recorder
+
+
 def run_point(point_dir: str | Path) -> dict[str, Any]:
     """Train one point to the end (resuming from ``checkpoints/last.ckpt``) and write ``result.json``.
 
     A point that already has ``result.json`` is not run again; its result is returned. A
     non-finite loss, parameter or optimizer state (caught by a :class:`NonFiniteGuard`, added
-    with ``action="raise"`` when the config has none) ends the point as ``diverged``. Any other
-    exception is re-raised, leaving the point resumable (a failed result is written only by the
-    executors, for the table).
+    with ``action="raise"`` when the config has none; a recipe's guard with ``action="stop"``
+    counts too) ends the point as ``diverged``. Any other exception is re-raised, leaving the
+    point resumable.
     """
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ..callbacks.nonfinite import NonFiniteError, NonFiniteGuard
     from ..callbacks.wallclock import WallClock
     from ..cli import build_cli
-    from .record import CurveRecorder
 
     d = Path(point_dir).resolve()
     if (d / "result.json").exists():
         return json.loads((d / "result.json").read_text())
     meta = json.loads((d / "point.json").read_text())
-    config = yaml.safe_load((d / "config.yaml").read_text())
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    callbacks_cfg = [str(c.get("class_path", "")) if isinstance(c, Mapping) else "" for c in
-                     (config.get("trainer", {}).get("callbacks") or [])]
-    clock = WallClock(verbose=False)
-    recorder = CurveRecorder(clock)
-    extra: list[Any] = [recorder, ModelCheckpoint(dirpath=str(d / "checkpoints"), filename="step={step}",
-                                                  every_n_train_steps=meta["checkpoint_every"], save_last=True,
-                                                  save_top_k=0, auto_insert_metric_name=False)]
-    if not any(c.endswith("WallClock") for c in callbacks_cfg):
-        extra.insert(0, clock)
-    if not any(c.endswith("NonFiniteGuard") for c in callbacks_cfg):
-        extra.append(NonFiniteGuard(action="raise", check_state=False))
+    extra, recorder = _point_callbacks(yaml.safe_load((d / "config.yaml").read_text()), d, meta["checkpoint_every"])
     # the point's own ModelCheckpoint makes it resumable, whatever the recipe says about checkpointing
     cli = build_cli(["--config", str(d / "config.yaml"), "--trainer.enable_checkpointing", "true"], run=False,
-                    save_config_callback=None,
-                    trainer_defaults={"callbacks": extra})
+                    save_config_callback=None, trainer_defaults={"callbacks": extra})
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
-    clocks = [c for c in trainer.callbacks if isinstance(c, WallClock)]
-    recorder.clock = clocks[0]
+    recorder.clock = next(c for c in trainer.callbacks if isinstance(c, WallClock))  # the recipe's, if it has one
     ckpt = d / "checkpoints" / "last.ckpt"
-    resumed_from = None
-    if ckpt.exists():
-        resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]) if ckpt.exists() else None
     status, diverged_step, error = "done", None, None
     start = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt.exists() else None)
     except NonFiniteError as err:
         status, diverged_step, error = "diverged", trainer.global_step, str(err).splitlines()[0][:300]
-    guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
-    events = [e for g in guards for e in g.events]
-    if status == "done" and events:
-        status, diverged_step = "diverged", events[0]["step"]
+    stops = [e for c in trainer.callbacks if isinstance(c, NonFiniteGuard) for e in c.events if e["action"] != "skip"]
+    if status == "done" and stops:
+        status, diverged_step = "diverged", stops[0]["step"]
     evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
     final_val = math.nan
     if status == "done" and dm.config.val_batches > 0:
         final_val = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
     final_train = _final_train_loss(recorder.curve)
     if status == "done" and not (math.isfinite(final_train) and (math.isfinite(final_val) or dm.config.val_batches == 0)):
-        status = "diverged"
+        status = "diverged"  # a NaN the guard did not check (e.g. between its checked steps)
         diverged_step = next((r["step"] for r in recorder.curve if not math.isfinite(r.get("train_loss") or 0.0)),
                              trainer.global_step)
     s = recorder.clock.summary
@@ -188,13 +193,6 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         recorder.write(d / "curve.csv")
         _write_json(d / "result.json", result)
     return result
-
-
-def _failed(point_dir: Path, err: str) -> dict[str, Any]:
-    """A row for a point that crashed (not written to result.json: a rerun tries it again)."""
-    meta = json.loads((point_dir / "point.json").read_text())
-    return {"point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"], "seed": meta["seed"],
-            **meta["values"], "status": "failed", "error": err[-500:]}
 
 
 def _run_subprocess(point_dir: Path) -> None:
