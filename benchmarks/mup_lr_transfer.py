@@ -41,15 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--qk-layernorm", action="store_true",
+                    help="the studies' 'standard' variant: QK-norm and z-loss 1e-4 (Wortsman et al. 2023: fewer attention-logit instabilities)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="docs/img/mup_lr_transfer.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.widths, args.steps = [32, 64], 10
-    grids = {"adamw": [-11, -10, -9, -8, -7, -6, -5], "lion": [-13, -12, -11, -10, -9, -8, -7]}
+    grids = {"adamw": [-9, -8, -7, -6, -5, -4, -3], "lion": [-12, -11, -10, -9, -8, -7, -6]}
     train = fixed_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed)
     held = fixed_batches(4, 16, args.seq_len, seed=args.seed + 1, offset=1)
+    stability = {"qk_layernorm": True, "z_loss": 1e-4} if args.qk_layernorm else {}
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     for opt_name in args.optimizers:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = []
                 for lg in log2s:
                     model = width_model(args.model, width, mup=mup, base_width=args.base_width, seed=args.seed,
-                                        zero_readout=True)
+                                        zero_readout=True, **stability)
                     spec = OptimizerSpec(name=opt_name, lr=2.0**lg, betas=(0.9, 0.95) if opt_name == "adamw" else (0.9, 0.99),
                                          mup=mup, schedule="cosine", warmup_steps=args.steps // 10,
                                          total_steps=args.steps, min_lr_ratio=0.1)
