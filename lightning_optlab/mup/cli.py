@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--hparams", default="{}", help='optimizer arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\'')
+    c.add_argument("--mix", default="[]", help='per-role mix parts as JSON, e.g. for muon: '
+                   '\'[{"optimizer": "adamw", "roles": ["embedding", "readout", "norm", "bias"]}]\'')
     c.add_argument("--no-zero-readout", action="store_true", help="keep the random readout init (default: zero, TP5's advice)")
     c.add_argument("--out", default="mup_coord_check.png")
 
@@ -76,6 +78,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     hparams = json.loads(args.hparams)
     kw: dict[str, Any] = dict(widths=args.widths, base_width=args.base_width, steps=args.steps, lr=args.lr,
                               batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, hparams=hparams,
+                              mix=json.loads(args.mix),
                               zero_readout=not args.no_zero_readout)
     groups = {"μP": coord_check(args.model, args.optimizer, mup=True, **kw),
               "SP": coord_check(args.model, args.optimizer, mup=False, **kw)}
