@@ -19,6 +19,7 @@ import argparse
 import functools
 import importlib
 import sys
+import types
 from typing import Any
 
 from .optim.registry import ALIASES, available_optimizers
@@ -251,8 +252,17 @@ def _lightning_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- check (dry run)
-def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None, data: bool = True) -> dict[str, Any]:
+#: trainer settings a dry run replaces, so that a GPU-cluster config can be checked on any machine
+_CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+                "--trainer.strategy", "auto", "--trainer.precision", "32-true"]
+
+
+def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None, data: bool = True,
+                 cpu: bool = True) -> dict[str, Any]:
     """Build the data, the model and the optimizer of ``config`` (and of each sweep run) without training.
+
+    With ``cpu`` (default) the trainer is built for one CPU process (accelerator, devices, nodes,
+    strategy and precision replaced), so that a paper-scale config can be checked on a laptop.
 
     Returns ``{"params": N, "vocab_size": V, "optimizers": {label: class name}, "points": n}``.
     Raises ``ValueError`` (or jsonargparse's parser error as ``SystemExit``) on a bad config.
@@ -260,7 +270,6 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
     import yaml
 
     from .configure import OptimizerSpec, configure
-    from .models import build_model
     from .sweep.recipe import SweepSpec, expand_points, point_config
 
     configs = {"(recipe)": config}
@@ -273,22 +282,24 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
             first = next(p for p in points if p.label == run.label)
             configs[run.label] = point_config(config, spec, first)
     out: dict[str, Any] = {"optimizers": {}, "points": n_points}
-    vocab = None
     for label, cfg in configs.items():
-        cli = build_cli(["--config", yaml.safe_dump(cfg, sort_keys=False)], run=False, save_config_callback=None)
+        args = ["--config", yaml.safe_dump(cfg, sort_keys=False)] + (_CPU_TRAINER if cpu else [])
+        cli = build_cli(args, run=False, save_config_callback=None)
         module, dm = cli.model, cli.datamodule
-        if vocab is None:
-            if data:
-                dm.prepare_data()
-                dm.setup("fit")
-                vocab = dm.vocab_size
-                batch = next(iter(dm.train_dataloader()))
-                out["batch_shape"] = tuple(batch.shape)
-            out["vocab_size"] = vocab
+        if data:
+            dm.prepare_data()  # cached after the first run: shards and tokenizer are written once
+            dm.setup("fit")
+            if "batch_shape" not in out:
+                out["batch_shape"] = tuple(next(iter(dm.train_dataloader())).shape)
+            out.setdefault("vocab_size", dm.vocab_size)
         if module.model is None:
-            spec_model = module.hparams.get("model")
-            overrides = {"vocab_size": vocab} if vocab is not None else {}
-            module.model = build_model(spec_model, **overrides)
+            # configure_model (μP included) sizes the model from the trainer's datamodule; outside fit,
+            # hand it a stand-in that has only that, then detach it again
+            module._trainer = types.SimpleNamespace(datamodule=dm if data else None)
+            try:
+                module.configure_model()
+            finally:
+                module._trainer = None
         assert isinstance(module.spec, OptimizerSpec)
         opt = configure(module, module.spec)["optimizer"]
         out["optimizers"][label] = type(opt).__name__
@@ -312,7 +323,8 @@ def _check_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"optlab check: {err}", file=sys.stderr)
         return 2
-    print(f"{args.config}: {info['params']:,} parameters, vocab {info.get('vocab_size')}, "
+    vocab = info.get("vocab_size") or "of the preset (data not prepared)"
+    print(f"{args.config}: {info['params']:,} parameters, vocab {vocab}, "
           f"max_steps {info['max_steps']}, sweep points {info['points']}")
     for label, cls_name in info["optimizers"].items():
         print(f"  {label}: {cls_name}")
