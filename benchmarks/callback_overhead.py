@@ -259,7 +259,8 @@ def _report(args: argparse.Namespace, callbacks: list[Any], rows: dict[str, list
     print(f"\nend of fit (summary table, plots): {statistics.median(fit_extra):+.3f} s per fit")
     print(f"verdict: mean-step overhead {100 * (mean_ratio - 1):+.2f} % (A/B, noisy on a shared machine), "
           f"in-hook share {100 * hook_share:.2f} % -> "
-          f"{'OK' if min(mean_ratio - 1, hook_share) <= BAR - 1 else 'ABOVE THE BAR'}")
+          f"{'OK' if hook_share <= BAR - 1 else 'ABOVE THE BAR'} (judged on the in-hook share, which "
+          f"noise between runs does not blur; the A/B ratio agrees with it on a quiet machine)")
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def test_events_round_trip_through_state_dict():
 
 
 def test_default_rate_depends_on_the_action():
-    assert NonFiniteGuard().check_every_n_steps == 10  # raise: a NaN in the weights stays, found later
+    assert NonFiniteGuard().check_every_n_steps == 20  # raise: a NaN in the weights stays, found later
     assert NonFiniteGuard("skip").check_every_n_steps == 1  # every bad update must be caught to be undone
     assert NonFiniteGuard("stop").check_every_n_steps == 1
     assert NonFiniteGuard("raise", check_every_n_steps=3).check_every_n_steps == 3
@@ -292,21 +292,29 @@ def test_default_rate_depends_on_the_action():
 
 def test_fast_check_overflow_is_confirmed_not_reported():
     # 1-norms of these overflow float32 (and float16), but every value is finite
-    ts = [torch.full((4, 4), 3e38), torch.full((8,), 6e4).half(), torch.randn(3, dtype=torch.float64)]
-    assert torch.isinf(torch.stack(torch._foreach_norm(ts[:1], 1)).sum())
+    ts = [torch.full((4, 4), 3e38), torch.full((8,), 6e4).half(), torch.randn(3, dtype=torch.float64),
+          torch.full((1 << 16,), 3e38)]  # the last is summed on its own (large), the others concatenated
+    assert torch.isinf(ts[0].sum()) and torch.isinf(ts[3].sum())
     assert nonfinite_indices(ts) == []
     ts[1][5] = -math.inf
-    assert nonfinite_indices(ts) == [1]
+    ts[3][7] = math.nan
+    assert nonfinite_indices(ts) == [1, 3]
+    # +inf and -inf in one batch cancel to NaN, not to a finite number
+    assert nonfinite_indices([torch.tensor([math.inf]), torch.tensor([-math.inf])]) == [0, 1]
+    # a non-contiguous view is checked too
+    x = torch.randn(6, 6)
+    x[2, 3] = math.nan
+    assert nonfinite_indices([x.t()[1::2]]) == [0] and nonfinite_indices([x.t()[::2]]) == []  # column 3 of x
 
 
 def test_default_raise_finds_a_nan_at_the_next_checked_step(tmp_path):
-    # a NaN gradient at step 3 poisons the readout; the default guard (every 10th step) finds it at 10
-    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 10 .*up to 9 steps earlier"):
-        _trainer(tmp_path, [NaNGradient(at=3), NonFiniteGuard()], max_steps=12).fit(_module(), _data(12))
+    # a NaN gradient at step 3 poisons the readout; the default guard (every 20th step) finds it at 20
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 20 .*up to 19 steps earlier"):
+        _trainer(tmp_path, [NaNGradient(at=3), NonFiniteGuard()], max_steps=22).fit(_module(), _data(22))
 
 
 def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path):
-    # checked only every 10 steps, the NaN of step 3 would reach the checkpoint of step 4: refused
+    # checked only every 20 steps, the NaN of step 3 would reach the checkpoint of step 4: refused
     ckpt_dir = tmp_path / "ckpt"
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     guard = NonFiniteGuard("raise")
