@@ -24,6 +24,7 @@ from .optim import (
 )
 from .params import ROLES, classify_parameters, group_parameters
 from .schedules import SCHEDULES, build_scheduler
+from .sweep import SweepSpec, build_report, run_sweep
 
 __version__ = "0.1.0"
 
@@ -56,4 +57,7 @@ __all__ = [
     "group_parameters",
     "SCHEDULES",
     "build_scheduler",
+    "SweepSpec",
+    "run_sweep",
+    "build_report",
 ]
