@@ -1,6 +1,7 @@
 """Step time with all of the pack's callbacks at their default settings vs none, on the demo model.
 
-The demo's GPT (2 layers x 64 wide, byte vocabulary, 16 x 64 tokens a step, AdamW) trains on
+The demo's model (``llama-tiny``: 2 layers x 64 wide, its 1024-token BPE vocabulary, 8 x 128
+tokens a step, AdamW; ``--preset gpt2-tiny --vocab 256`` for the byte-level GPT) trains on
 random tokens through Lightning on the CPU. The two arms ("none" and "all") alternate in
 ``--rounds`` rounds in one process, so machine noise hits both alike. A timing callback placed
 first in both arms records the start of every batch; a step's time runs from its batch start to
@@ -134,7 +135,7 @@ def run_arm(names: frozenset[str], args: argparse.Namespace, root: str,
 
     from lightning_optlab.configure import OptimizerSpec
     from lightning_optlab.lit import CausalLMModule
-    from lightning_optlab.models import GPT, GPTConfig
+    from lightning_optlab.models import build_model
 
     starts: list[float] = []
 
@@ -148,10 +149,10 @@ def run_arm(names: frozenset[str], args: argparse.Namespace, root: str,
             starts.append(time.perf_counter())
 
     L.seed_everything(0, verbose=False)
-    model = GPT(GPTConfig(vocab_size=256, block_size=args.seq_len, n_layer=2, n_head=4, n_embd=64))
+    model = build_model(args.preset, vocab_size=args.vocab, block_size=args.seq_len)
     module = CausalLMModule(model, OptimizerSpec(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1))
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 256, (args.steps * args.batch_size, args.seq_len + 1), generator=g)
+    data = torch.randint(0, args.vocab, (args.steps * args.batch_size, args.seq_len + 1), generator=g)
     extra, _ = pack_callbacks(names) if names else ([], [])
     for cb in extra:
         if hasattr(cb, "verbose"):
@@ -176,8 +177,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--preset", default="llama-tiny", help="model preset (default: the demo's llama-tiny)")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: the demo's BPE, 1024)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--logger", choices=["tensorboard", "csv", "none"], default="tensorboard")
     p.add_argument("--only", default="", help="comma-separated callback classes for the 'all' arm")
