@@ -194,13 +194,20 @@ def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torc
     initial = [p.detach().clone() for p in hidden]
     times: dict[str, tuple[list[float], list[float]]] = {row: ([], []) for row in pairs}
     for r in range(args.rounds):
-        for row, (ours, peer, _) in pairs.items():
+        for row, (ours, peer, name) in list(pairs.items()):
             order = ((ours, 0), (peer, 1)) if r % 2 == 0 else ((peer, 1), (ours, 0))
             for opt, i in order:
-                times[row][i].append(_time_steps(opt, device, args.steps))
-                with torch.no_grad():
-                    for p, p0 in zip(hidden, initial):
-                        p.copy_(p0)
+                try:
+                    times[row][i].append(_time_steps(opt, device, args.steps))
+                except RuntimeError as err:  # e.g. a peer's SVD failing to converge on a refresh
+                    who = name if i else f"our {row}"
+                    print(f"\n{row}: {who} failed in round {r + 1}, row left out: {str(err).splitlines()[0]}")
+                    del pairs[row], times[row]
+                    break
+                finally:
+                    with torch.no_grad():
+                        for p, p0 in zip(hidden, initial):
+                            p.copy_(p0)
     n = sum(p.numel() for p in hidden)
     print(f"\nmatrix preconditioners vs peers on the {len(hidden)} hidden matrices ({n:,} parameters), "
           f"f=10, amortized over {args.rounds} rounds of {args.steps} steps")
