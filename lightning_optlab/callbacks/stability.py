@@ -185,7 +185,10 @@ class StabilityMonitor(Callback):
         the readout layer by the rule of :mod:`lightning_optlab.params`."""
         if self.readout is None:
             for _, module in pl_module.named_modules():
-                if isinstance(getattr(module, "optlab_readout", None), str):
+                # the declaring class itself, not a wrapper forwarding attributes (torch.compile's
+                # OptimizedModule forwards getattr to the model it wraps)
+                declared = getattr(type(module), "optlab_readout", None) or vars(module).get("optlab_readout")
+                if isinstance(declared, str):
                     return module
         name = self.readout if self.readout is not None else readout_module_name(pl_module)
         if name is None:
