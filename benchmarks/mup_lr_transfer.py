@@ -9,6 +9,10 @@ plot (``docs/img/mup_lr_transfer.png``).
 
     OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py            # ~15 min on one core
     OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py --quick    # a smoke run
+    # several seeds, then the mean held-out loss per point:
+    OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py --qk-layernorm --seed 1 --out /tmp/s1.png
+    python benchmarks/mup_lr_transfer.py --combine docs/img/mup_lr_transfer_qknorm.json /tmp/s1.json \
+        --out docs/img/mup_lr_transfer_qknorm_seeds.png
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the studies' 'standard' variant: QK-norm and z-loss 1e-4 (Wortsman et al. 2023: fewer attention-logit instabilities)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="docs/img/mup_lr_transfer.png")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="average the held-out losses of earlier runs (one JSON per seed) instead of training; "
+                         "a point that diverged in any seed counts as diverged")
     args = ap.parse_args(argv)
+    if args.combine:
+        return _combine(args.combine, Path(args.out))
     torch.set_num_threads(1)
     if args.quick:
         args.widths, args.steps = [32, 64], 10
@@ -75,17 +84,47 @@ def main(argv: list[str] | None = None) -> int:
                 best = log2s[best_index(row)]
                 print(f"{key:12s} width {width:4d}  best log2(lr) {best:6.1f}  "
                       + " ".join(f"{l:6.3f}" for l in row) + f"   [{time.perf_counter() - t0:6.0f}s]", flush=True)
-    summary = {}
-    for key, res in results.items():
-        bests = [res["log2_lrs"][best_index(res["loss"][w])] for w in res["widths"]]
-        summary[key] = {"best_log2_lr": dict(zip(res["widths"], bests)), "shift_grid_steps": max(bests) - min(bests)}
-        print(f"{key:12s} best log2(lr) by width {dict(zip(res['widths'], bests))}  spread {max(bests) - min(bests):.0f} grid steps")
+    summary = _summary(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results, "summary": summary,
                                                     "seconds": time.perf_counter() - t0}, indent=1))
     _plot(results, out)
     print(f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def _summary(results: dict) -> dict:
+    summary = {}
+    for key, res in results.items():
+        bests = [res["log2_lrs"][best_index(res["loss"][w])] for w in res["widths"]]
+        summary[key] = {"best_log2_lr": dict(zip(res["widths"], bests)), "shift_grid_steps": max(bests) - min(bests)}
+        print(f"{key:12s} best log2(lr) by width {dict(zip(res['widths'], bests))}  spread {max(bests) - min(bests):.0f} grid steps")
+    return summary
+
+
+def _combine(paths: list[str], out: Path) -> int:
+    """Mean held-out loss over seeds (one JSON per seed, same grid), its best LR per width, a plot."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]["results"]
+    results: dict[str, dict] = {}
+    for key, res in first.items():
+        widths = res["widths"]
+        loss = {}
+        for w in widths:
+            rows = [r["results"][key]["loss"][str(w)] for r in runs]
+            if any(r["results"][key]["log2_lrs"] != res["log2_lrs"] for r in runs):
+                raise SystemExit(f"{key}: the runs do not share one learning-rate grid; combine runs of one grid")
+            loss[w] = [sum(col) / len(col) if all(math.isfinite(x) for x in col) else math.inf for col in zip(*rows)]
+        results[key] = {"log2_lrs": res["log2_lrs"], "widths": widths, "loss": loss}
+    seeds = [r["args"]["seed"] for r in runs]
+    print(f"mean held-out loss over seeds {seeds}")
+    summary = _summary(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"combined": paths, "seeds": seeds, "results": results,
+                                                    "summary": summary}, indent=1))
+    _plot(results, out)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 
