@@ -107,7 +107,7 @@ def wallclock_figure(out: Path, steps: int, root: str) -> Path:
         ax.text(left * 1.01, i, f"{tps:,.0f} tok/s, optimizer {100 * share:.0f}%", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax.invert_yaxis()
-    ax.set_xlim(0, max(sum(r[1].values()) for r in rows) * 1.45)
+    ax.set_xlim(0, max(sum(r[1].values()) for r in rows) * 1.85)
     ax.set_xlabel("milliseconds per optimizer step (mean)")
     ax.set_title(f"WallClock: where the step time goes (demo GPT, CPU, 1 thread, {steps} steps)")
     ax.legend(loc="lower right", fontsize=8)
