@@ -65,6 +65,15 @@ def _fit(spec: dict[str, Any], steps: int, callbacks: list[Any], *, model_kw: di
     return trainer, module
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def _metrics(trainer: Any) -> Any:
     import pandas as pd
 
@@ -111,11 +120,7 @@ def wallclock_figure(out: Path, steps: int, root: str) -> Path:
     ax.set_xlabel("milliseconds per optimizer step (mean)")
     ax.set_title(f"WallClock: where the step time goes (demo GPT, CPU, 1 thread, {steps} steps)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = out / "callback_wallclock.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "callback_wallclock.png")
 
 
 def stability_figure(out: Path, steps: int, root: str) -> Path:
@@ -143,11 +148,7 @@ def stability_figure(out: Path, steps: int, root: str) -> Path:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=8)
     fig.suptitle("StabilityMonitor: AdamW at lr 3e-2 on the demo GPT, without and with the cures of Wortsman et al. 2023")
-    fig.tight_layout()
-    path = out / "callback_stability.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "callback_stability.png")
 
 
 def nonfinite_figure(out: Path, steps: int, root: str) -> Path:
@@ -190,11 +191,7 @@ def nonfinite_figure(out: Path, steps: int, root: str) -> Path:
     ax.set(xlabel="optimizer step", ylabel="training loss",
            title="NonFiniteGuard: NaN gradients arrive at the dotted steps")
     ax.legend()
-    fig.tight_layout()
-    path = out / "callback_nonfinite.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "callback_nonfinite.png")
 
 
 def schedule_free_figure(out: Path, steps: int, root: str) -> Path:
@@ -240,11 +237,7 @@ def schedule_free_figure(out: Path, steps: int, root: str) -> Path:
     ax.plot(s, x, color="C0", label="evaluation weights x (what ScheduleFreeModeSwitch evaluates and saves)")
     ax.set(xlabel="optimizer step", ylabel="held-out loss", title="ScheduleFreeModeSwitch: Schedule-Free AdamW (lr 1e-2) on the demo GPT")
     ax.legend()
-    fig.tight_layout()
-    path = out / "callback_schedule_free.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "callback_schedule_free.png")
 
 
 FIGURES = {"wallclock": wallclock_figure, "stability": stability_figure, "nonfinite": nonfinite_figure,

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from .health import leaf_optimizers, unwrap_optimizer
+from .health import _param_names as _names, leaf_optimizers, unwrap_optimizer
 
 __all__ = ["NonFiniteGuard", "NonFiniteError", "nonfinite_indices"]
 
@@ -418,10 +418,6 @@ class _Snapshot:
 
 def _clone(v: Any) -> Any:
     return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-
-
-def _names(pl_module: "pl.LightningModule") -> dict[int, str]:
-    return {id(p): n for n, p in pl_module.named_parameters()}
 
 
 class _Labels:
