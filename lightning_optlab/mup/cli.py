@@ -1,4 +1,4 @@
-"""``optlab mup coord-check | transfer | lr-find``: μP from the command line.
+"""``optlab mup coord-check | transfer | lr-find | lr-transfer``: μP from the command line.
 
 ``main(argv)`` takes the arguments after ``optlab mup`` and returns the exit status (2 on bad input,
 with the reason on stderr).
@@ -52,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seq-len", type=int, default=64)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--plot", default=None, help="optional PNG of loss vs base LR")
+
+    x = sub.add_parser("lr-transfer", help="LR sweep at several widths, μP vs SP: does the best LR stay put? "
+                       "writes per-seed JSONs, the combined JSON and a PNG")
+    x.add_argument("--config", default=None, help="recipe YAML with an lr_transfer: block "
+                   "(recipes/mup-lr-transfer.yaml); default: the built-in defaults")
+    x.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: the recipe's)")
+    x.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    x.add_argument("--widths", type=int, nargs="+", default=None, help="override the recipe's widths")
+    x.add_argument("--base-width", type=int, default=None, help="override the recipe's μP base width")
+    x.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and one thread each")
+    x.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="no training: average these runs (per-seed or combined JSONs) and summarize them")
+    x.add_argument("--max-mup-shift", type=float, default=1.0,
+                   help="verdict threshold: μP's fitted optimum may move this many grid steps (default 1)")
+    x.add_argument("--out", default="mup_lr_transfer.png",
+                   help="PNG to write; the JSONs go beside it (<stem>.json, <stem>_seed<N>.json)")
     return p
 
 
@@ -66,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return _coord_check(args)
         if args.command == "transfer":
             return _transfer(args)
+        if args.command == "lr-transfer":
+            return _lr_transfer(args)
         return _lr_find(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"optlab mup {args.command}: {err}", file=sys.stderr)
@@ -173,6 +191,45 @@ def _lr_find(args: argparse.Namespace) -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _lr_transfer(args: argparse.Namespace) -> int:
+    from . import lr_transfer as lt
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        records = [json.loads(Path(p).read_text()) for p in args.combine]
+        title = f"mean of {len(args.combine)} run files"
+    else:
+        overrides = {"seeds": args.seeds, "steps": args.steps, "widths": args.widths, "base_width": args.base_width}
+        if args.config:
+            cfg = lt.load_config(args.config, **overrides)
+        else:
+            cfg = lt.LRTransferConfig(**{k: v for k, v in overrides.items() if v is not None})
+        n = sum(len(lt._grid(cfg, o)) for o in cfg.optimizers) * 2 * len(cfg.widths)
+        print(f"{cfg.model}: widths {cfg.widths} (μP base {cfg.base_width}), {cfg.steps} steps, "
+              f"{n} runs per seed, seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
+
+        def save(rec: dict[str, Any]) -> None:
+            path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
+            path.write_text(json.dumps(rec, indent=1))
+            print(f"wrote {path}", flush=True)
+
+        records = lt.run(cfg, jobs=args.jobs, save=save)
+        title = f"{cfg.model}, {cfg.steps} steps"
+    combined = records[0] if len(records) == 1 and not args.combine else lt.combine(records)
+    summary = lt.summarize(combined["results"])
+    seeds = combined.get("seeds") or [combined.get("seed")]
+    print(f"held-out loss averaged over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    print(lt.format_summary(summary, args.max_mup_shift))
+    lt.plot(combined["results"], summary, out, title=f"{title}; seeds {seeds}")
+    doc = {**combined, "summary": summary, "verdict": lt.verdict(summary, args.max_mup_shift)}
+    if args.combine:
+        doc["combined"] = list(args.combine)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 
