@@ -31,7 +31,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 #: subcommands implemented by other modules of the pack: name -> (module, what it does)
 _DELEGATED = {
-    "mup": ("lightning_optlab.mup.cli", "μP: base shapes, coordinate checks, proxy -> target transfer"),
+    "mup": ("lightning_optlab.mup.cli", "μP: coordinate checks, proxy -> target transfer, LR finder, LR-transfer experiment"),
     "eval": ("lightning_optlab.eval.cli", "zero-shot evaluation (ARC, HellaSwag, MMLU) of a checkpoint through lm-eval"),
     "sweep": ("lightning_optlab.sweep.cli", "run a recipe's grid (optimizers x hyperparameters x seeds), locally or on SLURM"),
     "report": ("lightning_optlab.sweep.cli", "plots and tables of a sweep folder: loss vs LR, stability width"),

@@ -10,7 +10,8 @@ Tune on a narrow proxy, train the wide target with the same numbers (Yang et al.
 
 Modules: :mod:`.shapes` (base shapes from a config), :mod:`.rules` (per-family rules),
 :mod:`.coord` (coordinate check), :mod:`.transfer` (proxy → target recipe), :mod:`.lr_find`
-(a μP-respecting LR range test), :mod:`.cli` (``optlab mup ...``).
+(a μP-respecting LR range test), :mod:`.lr_transfer` (the LR-transfer experiment, μP vs SP),
+:mod:`.cli` (``optlab mup ...``).
 """
 
 from __future__ import annotations
