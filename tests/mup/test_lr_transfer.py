@@ -136,3 +136,14 @@ def test_cli_runs_seeds_writes_jsons_and_plot_and_pools_them(tmp_path, capsys):
     assert doc2["seeds"] == [0, 1, 0]
     expect = [(2 * m + a) / 3 for m, a in zip(doc["results"]["lion/sp"]["loss"]["32"], s0["results"]["lion/sp"]["loss"]["32"])]
     assert doc2["results"]["lion/sp"]["loss"]["32"] == pytest.approx(expect)
+
+
+def test_parallel_seeds_give_the_same_numbers_as_sequential_ones():
+    cfg = lt.LRTransferConfig(widths=[16, 32], base_width=16, steps=2, batch_size=2, seq_len=16, eval_batches=1,
+                              eval_batch_size=2, seeds=[0, 1], optimizers={"adamw": {"log2_lrs": [-8, -6, -4]}})
+    saved = []
+    parallel = lt.run(cfg, jobs=2, progress=False, save=lambda rec: saved.append(rec["seed"]))
+    sequential = lt.run(cfg, jobs=1, progress=False)
+    assert sorted(saved) == [0, 1] and [r["seed"] for r in parallel] == [0, 1]
+    for a, b in zip(parallel, sequential):
+        assert a["results"] == b["results"]
