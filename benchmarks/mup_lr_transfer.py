@@ -67,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                   z_loss=1e-4 if args.qk_layernorm else 0.0, seeds=[args.seed])
         record = lt.run_seed(cfg, args.seed)
         record["args"] = vars(args)
-    summary = lt.summarize(record["results"])
-    print(lt.format_summary(summary))
-    lt.plot(record["results"], summary, out, title=f"seeds {record['seeds']}")
-    out.with_suffix(".json").write_text(json.dumps({**record, "summary": summary, "verdict": lt.verdict(summary)},
-                                                   indent=1))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    lt.write_report(record, out)
     return 0
 
 

@@ -200,7 +200,8 @@ def _lr_transfer(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        records = [json.loads(Path(p).read_text()) for p in args.combine]
+        record = lt.combine([json.loads(Path(p).read_text()) for p in args.combine])
+        record["combined"] = list(args.combine)
         title = f"mean of {len(args.combine)} run files"
     else:
         overrides = {"seeds": args.seeds, "steps": args.steps, "widths": args.widths, "base_width": args.base_width}
@@ -208,9 +209,8 @@ def _lr_transfer(args: argparse.Namespace) -> int:
             cfg = lt.load_config(args.config, **overrides)
         else:
             cfg = lt.LRTransferConfig(**{k: v for k, v in overrides.items() if v is not None})
-        n = sum(len(lt._grid(cfg, o)) for o in cfg.optimizers) * 2 * len(cfg.widths)
         print(f"{cfg.model}: widths {cfg.widths} (μP base {cfg.base_width}), {cfg.steps} steps, "
-              f"{n} runs per seed, seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
+              f"{cfg.runs_per_seed()} runs per seed, seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
 
         def save(rec: dict[str, Any]) -> None:
             path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
@@ -218,18 +218,9 @@ def _lr_transfer(args: argparse.Namespace) -> int:
             print(f"wrote {path}", flush=True)
 
         records = lt.run(cfg, jobs=args.jobs, save=save)
+        record = records[0] if len(records) == 1 else lt.combine(records)
         title = f"{cfg.model}, {cfg.steps} steps"
-    combined = records[0] if len(records) == 1 and not args.combine else lt.combine(records)
-    summary = lt.summarize(combined["results"])
-    seeds = combined.get("seeds") or [combined.get("seed")]
-    print(f"held-out loss averaged over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
-    print(lt.format_summary(summary, args.max_mup_shift))
-    lt.plot(combined["results"], summary, out, title=f"{title}; seeds {seeds}")
-    doc = {**combined, "summary": summary, "verdict": lt.verdict(summary, args.max_mup_shift)}
-    if args.combine:
-        doc["combined"] = list(args.combine)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    lt.write_report(record, out, title=title, max_mup_shift=args.max_mup_shift)
     return 0
 
 

@@ -24,12 +24,16 @@ over widths divided by the grid's spacing). Several seeds are averaged point by 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+from ..optim.registry import canonical_name
+from .rules import mup_family
 
 __all__ = [
     "LRTransferConfig",
@@ -42,6 +46,8 @@ __all__ = [
     "summarize",
     "plot",
     "format_summary",
+    "verdict",
+    "write_report",
 ]
 
 #: default grids (log2 of the base learning rate) and betas per optimizer
@@ -62,7 +68,7 @@ class LRTransferConfig:
     model: str = "llama-tiny"
     widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256])
     base_width: Optional[int] = None
-    optimizers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: json.loads(json.dumps(DEFAULT_OPTIMIZERS)))
+    optimizers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEFAULT_OPTIMIZERS))
     steps: int = 150
     batch_size: int = 8
     seq_len: int = 64
@@ -95,9 +101,6 @@ class LRTransferConfig:
             raise ValueError(f"lr_transfer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not self.optimizers:
             raise ValueError("lr_transfer.optimizers is empty; name at least one, e.g. {adamw: {log2_lrs: [-9, ..., -3]}}")
-        from ..optim.registry import canonical_name
-        from .rules import mup_family
-
         for name, spec in self.optimizers.items():
             if not isinstance(spec, Mapping):
                 raise ValueError(f"lr_transfer.optimizers.{name} must be a mapping with log2_lrs, got {spec!r}")
@@ -112,6 +115,14 @@ class LRTransferConfig:
             # an unknown optimizer, or one without a μP rule, is refused here, before any training
             mup_family(canonical_name(name), dict(spec.get("hparams") or {}))
         self.seeds = [int(s) for s in self.seeds] or [0]
+
+    def grid(self, name: str) -> list[float]:
+        """log2 of the learning rates swept for optimizer ``name``."""
+        return [float(x) for x in (self.optimizers[name].get("log2_lrs") or DEFAULT_OPTIMIZERS[name]["log2_lrs"])]
+
+    def runs_per_seed(self) -> int:
+        """Training runs in one seed: every (optimizer, μP/SP, width, learning rate)."""
+        return sum(len(self.grid(name)) for name in self.optimizers) * 2 * len(self.widths)
 
 
 def grid_step(log2_lrs: Sequence[float], where: str = "log2_lrs") -> float:
@@ -141,8 +152,6 @@ def load_config(path: str | Path, **overrides: Any) -> LRTransferConfig:
     return LRTransferConfig(**merged)
 
 
-def _grid(cfg: LRTransferConfig, name: str) -> list[float]:
-    return [float(x) for x in (cfg.optimizers[name].get("log2_lrs") or DEFAULT_OPTIMIZERS[name]["log2_lrs"])]
 
 
 def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True,
@@ -163,7 +172,7 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True,
     if cfg.z_loss:
         overrides["z_loss"] = cfg.z_loss
     points = [(name, mup, w, lg) for name in cfg.optimizers for mup in (True, False) for w in cfg.widths
-              for lg in _grid(cfg, name)]
+              for lg in cfg.grid(name)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -173,7 +182,7 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True,
     t0 = time.perf_counter()
     for name in cfg.optimizers:
         spec_extra = cfg.optimizers[name]
-        grid = _grid(cfg, name)
+        grid = cfg.grid(name)
         for mup in (True, False):
             key = f"{name}/{'mup' if mup else 'sp'}"
             results[key] = {"log2_lrs": grid, "widths": list(cfg.widths), "loss": {}}
@@ -359,6 +368,22 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: floa
         lines.append(f"{name}: fitted optimum moves {fmt(mu, 2).strip()} grid steps under μP, {fmt(sp, 2).strip()} under SP: "
                      + ("transfers (μP ≤ %g, SP further)" % max_mup_shift if v["transfers"] else "not shown"))
     return "\n".join(lines)
+
+
+def write_report(record: Mapping[str, Any], out: str | Path, *, title: str = "",
+                 max_mup_shift: float = 1.0) -> dict[str, Any]:
+    """Summarize a run or pooled record, print the summary, write ``out`` (PNG) and
+    ``out.with_suffix(".json")`` (the record plus ``summary`` and ``verdict``); returns that JSON."""
+    out = Path(out)
+    summary = summarize(record["results"])
+    seeds = list(record.get("seeds") or [record.get("seed")])
+    print(f"held-out loss averaged over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    print(format_summary(summary, max_mup_shift))
+    plot(record["results"], summary, out, title=f"{title}; seeds {seeds}" if title else f"seeds {seeds}")
+    doc = {**record, "summary": summary, "verdict": verdict(summary, max_mup_shift)}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return doc
 
 
 def plot(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]], out: str | Path,
