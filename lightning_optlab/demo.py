@@ -26,10 +26,13 @@ from .optim.registry import available_optimizers
 __all__ = ["DemoConfig", "DEFAULT_RUNS", "embedded_corpus", "run_demo"]
 
 # (label, OptimizerSpec keyword arguments); learning rates from a coarse sweep (3x apart) on this
-# tiny model at 300 steps. Runs whose optimizer is not registered in this installation are left out.
+# tiny model at 300 steps (final val loss, e.g. Lion 3e-4 / 1e-3 / 3e-3 / 1e-2: 5.36 / 5.58 / 4.50 /
+# 5.66; Sophia 3e-4 / 1e-3 / 3e-3 / 1e-2: 5.33 / 5.40 / 5.43 / 5.90: the sign-like runs can stay on
+# the unigram plateau at this length, so their curves are bumpy). Runs whose optimizer is not
+# registered in this installation are left out.
 DEFAULT_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("adamw", dict(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("lion", dict(name="lion", lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1)),
+    ("lion", dict(name="lion", lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)),
     ("signum", dict(name="signum", lr=1e-3, betas=(0.95, 0.0), weight_decay=0.3)),
     ("adafactor", dict(name="adafactor", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
     ("adalayer", dict(name="adalayer", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
