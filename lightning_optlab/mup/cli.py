@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="optlab mup", description="μP: coordinate check, proxy→target transfer, LR finder")
+    p = argparse.ArgumentParser(prog="optlab mup", description="μP: coordinate check, proxy→target transfer, LR finder, LR-transfer experiment")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("coord-check", help="activation size vs width for μP and SP after a few steps; writes a PNG")
