@@ -1,7 +1,7 @@
 """SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's Kronecker factors.
 
 The default mode follows the authors' reference implementation point by point (see
-``docs/soap.md``): the first step only initializes the factors and bases; the first moment lives
+``docs/optimizers.md``, section ``soap``): the first step only initializes the factors and bases; the first moment lives
 in the rotated basis and follows it across refreshes, the second moment is only re-ordered;
 bases are refreshed every ``precondition_frequency`` steps by one power-iteration step with QR;
 decoupled weight decay comes after the update, on the updated weights.
@@ -167,7 +167,7 @@ class SOAP(HealthMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, refusing sharded parameters (SOAP needs each whole matrix; see docs/soap.md)."""
+        """As torch's, refusing sharded parameters (SOAP needs each whole matrix; see docs/optimizers.md)."""
         super().add_param_group(param_group)
         names = self.param_groups[-1].get("param_names")
         for j, p in enumerate(self.param_groups[-1]["params"]):
