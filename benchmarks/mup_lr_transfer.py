@@ -14,7 +14,7 @@ plot.
     # several seeds, then the mean held-out loss per point:
     OMP_NUM_THREADS=1 python benchmarks/mup_lr_transfer.py --qk-layernorm --seed 1 --out /tmp/s1.png
     python benchmarks/mup_lr_transfer.py --combine docs/img/mup_lr_transfer_qknorm.json /tmp/s1.json \
-        --out docs/img/mup_lr_transfer_qknorm_seeds.png
+        --out /tmp/qknorm_seeds.png
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qk-layernorm", action="store_true",
                     help="the studies' 'standard' variant: QK-norm and z-loss 1e-4 (Wortsman et al. 2023: fewer attention-logit instabilities)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="docs/img/mup_lr_transfer.png")
+    ap.add_argument("--out", default="mup_lr_transfer.png")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="average the held-out losses of earlier runs (per-seed or combined JSONs, weighted by their "
                          "seed counts) instead of training; a point that diverged in any run counts as diverged")

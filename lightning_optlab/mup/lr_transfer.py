@@ -19,7 +19,7 @@ over widths divided by the grid's spacing). Several seeds are averaged point by 
 (:func:`combine`), weighted by how many seeds each input holds.
 
     optlab mup lr-transfer --config recipes/mup-lr-transfer.yaml --seeds 0 1 2 3 4 --jobs 2
-    optlab mup lr-transfer --combine runs/a.json runs/b.json --out docs/img/mup_lr_transfer.png
+    optlab mup lr-transfer --combine runs/a.json runs/b.json --out runs/all.png
 """
 
 from __future__ import annotations
