@@ -154,8 +154,7 @@ def load_config(path: str | Path, **overrides: Any) -> LRTransferConfig:
 
 
 
-def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True,
-             on_row: Optional[Callable[[str, int, list[float]], None]] = None) -> dict[str, Any]:
+def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict[str, Any]:
     """Train every (optimizer, μP/SP, width, lr) point once with ``seed``; return the run record.
 
     The record is JSON-ready: ``{"config", "seed", "seeds": [seed], "results": {"<opt>/<mup|sp>":
@@ -204,8 +203,6 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True,
                     if bar is not None:
                         bar.update(1)
                 results[key]["loss"][str(width)] = row
-                if on_row is not None:
-                    on_row(key, width, row)
     if bar is not None:
         bar.close()
     return {"config": dataclasses.asdict(cfg), "seed": seed, "seeds": [seed], "results": results,
