@@ -173,6 +173,70 @@ def _peers(hidden: list[torch.Tensor]) -> dict[str, tuple[object, object, str]]:
     return out
 
 
+class Floor:
+    """The matrix work one step of SOAP or Shampoo cannot avoid, as bare torch calls.
+
+    Per matrix G (m x n) and step: SOAP rotates G into the eigenbasis and the update back
+    (``Q_Lᵀ G Q_R`` and ``Q_L X Q_Rᵀ``: four products) and updates both factors (``G Gᵀ`` and
+    ``Gᵀ G``); Shampoo applies both roots (two products) and updates both factors. Every
+    ``freq`` steps each factor is refreshed: SOAP ``F Q`` and its Householder QR (Q only), Shampoo one
+    ``eigh`` and the root ``V diag(w) Vᵀ``. Nothing else is timed: no elementwise Adam or grafting,
+    no checks, no bookkeeping, so any implementation of the same algorithm with the same torch
+    kernels is slower than this. With ``syrk`` the factor updates use BLAS's symmetric rank-k
+    update (one triangle, about half the flops; torch has no such op, SciPy's BLAS does).
+    """
+
+    def __init__(self, kind: str, grads: list[torch.Tensor], freq: int = 10, beta: float = 0.95,
+                 syrk: bool = False) -> None:
+        self.kind, self.freq, self.beta, self.t = kind, freq, beta, 0
+        self.grads = [g.detach().float().contiguous() for g in grads]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.factors: list[list[torch.Tensor]] = []
+        self.bases: list[list[torch.Tensor]] = []
+        for g in self.grads:
+            fs, qs = [], []
+            for d in g.shape:
+                a = torch.randn(d, d, generator=gen)
+                fs.append((a @ a.T / d).to(g.device))
+                qs.append(torch.linalg.qr(torch.randn(d, d, generator=gen))[0].to(g.device))
+            self.factors.append(fs)
+            self.bases.append(qs)
+        self.syrk = None
+        if syrk:
+            from scipy.linalg import blas  # CPU float32 only
+
+            self.syrk = blas.ssyrk
+            # Fortran-ordered views (the transposes) of the factors: ssyrk updates one triangle in place
+            self.np_factors = [[f.numpy().T for f in fs] for fs in self.factors]
+
+    def step(self) -> None:
+        self.t += 1
+        keep, add = self.beta, 1.0 - self.beta
+        for k, g in enumerate(self.grads):
+            (ql, qr), (fl, fr) = self.bases[k], self.factors[k]
+            if self.kind == "soap":
+                x = ql.T @ g @ qr
+                ql @ x @ qr.T
+            else:  # shampoo: the roots live where the bases do
+                ql @ g @ qr
+            if self.syrk is not None:
+                gn = g.numpy()  # C order (m, n) = Fortran order (n, m) of Gᵀ
+                self.syrk(add, gn.T, beta=keep, c=self.np_factors[k][0], trans=1, lower=1, overwrite_c=1)
+                self.syrk(add, gn.T, beta=keep, c=self.np_factors[k][1], trans=0, lower=1, overwrite_c=1)
+            else:
+                fl.addmm_(g, g.T, beta=keep, alpha=add)
+                fr.addmm_(g.T, g, beta=keep, alpha=add)
+        if self.t % self.freq:
+            return
+        for fs, qs in zip(self.factors, self.bases):
+            for f, q in zip(fs, qs):
+                if self.kind == "soap":
+                    torch.linalg.householder_product(*torch.geqrf(f @ q))  # Q only (no R)
+                else:
+                    w, v = torch.linalg.eigh(f)
+                    (v * w.clamp_min(0).add(1e-12).pow(-0.25)) @ v.T
+
+
 def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> None:
     """Our matrix preconditioners against peer implementations on the hidden matrices (the
     attention and MLP weights: the embedding and readout's vocabulary side would cost the peers,
@@ -191,8 +255,10 @@ def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torc
         except RuntimeError as err:  # a peer's root computation can fail on these factors
             print(f"\n{row}: {name} failed during warm-up, left out: {str(err).splitlines()[0]}")
             del pairs[row]
+    floors = _floors(pairs, hidden, device)
     initial = [p.detach().clone() for p in hidden]
     times: dict[str, tuple[list[float], list[float]]] = {row: ([], []) for row in pairs}
+    floor_times: dict[tuple[str, str], list[float]] = {key: [] for key in floors}
     for r in range(args.rounds):
         for row, (ours, peer, name) in list(pairs.items()):
             order = ((ours, 0), (peer, 1)) if r % 2 == 0 else ((peer, 1), (ours, 0))
@@ -208,6 +274,9 @@ def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torc
                     with torch.no_grad():
                         for p, p0 in zip(hidden, initial):
                             p.copy_(p0)
+            for (frow, variant), floor in floors.items():
+                if frow == row:
+                    floor_times[(frow, variant)].append(_time_steps(floor, device, args.steps))
     n = sum(p.numel() for p in hidden)
     print(f"\nmatrix preconditioners vs peers on the {len(hidden)} hidden matrices ({n:,} parameters), "
           f"f=10, amortized over {args.rounds} rounds of {args.steps} steps")
@@ -217,6 +286,38 @@ def _peer_section(model: torch.nn.Module, args: argparse.Namespace, device: torc
         bar = PEER_BARS[row]
         print(f"{row:<10}{pairs[row][2]:<28}{statistics.median(ours_t) * 1e3:>9.2f}"
               f"{statistics.median(peer_t) * 1e3:>9.2f}{ratio:>7.2f}{bar:>6.1f}{'yes' if ratio <= bar else 'NO':>5}")
+    if not any(k[0] in times for k in floor_times):
+        return
+    print("\nfloors (the matrix work the algorithm cannot skip, bare torch calls; see Floor), same rounds:")
+    print(f"{'optimizer':<10}{'floor':<28}{'ms':>9}{'/ peer':>9}{'/ ours':>8}")
+    for (row, variant), ts in floor_times.items():
+        if row not in times or not ts:
+            continue
+        ours_t, peer_t = times[row]
+        print(f"{row:<10}{variant:<28}{statistics.median(ts) * 1e3:>9.2f}"
+              f"{statistics.median([f / b for f, b in zip(ts, peer_t)]):>9.2f}"
+              f"{statistics.median([f / a for f, a in zip(ts, ours_t)]):>8.2f}")
+
+
+def _floors(pairs: dict, hidden: list[torch.Tensor], device: torch.device) -> dict[tuple[str, str], Floor]:
+    """Floor steps for the SOAP and Shampoo rows: torch's products, and on one CPU thread (when
+    SciPy is installed) also with SciPy's BLAS ``ssyrk`` for the factor updates (with more
+    threads SciPy's OpenBLAS pool and torch's OpenMP pool contend, which would time the contention)."""
+    grads = [p.grad for p in hidden]
+    out: dict[tuple[str, str], Floor] = {}
+    for row in ("soap", "shampoo"):
+        if row not in pairs:
+            continue
+        out[(row, "torch mm/addmm")] = Floor(row, grads)
+        if device.type == "cpu" and torch.get_num_threads() == 1:  # two BLAS thread pools contend
+            try:
+                out[(row, "factors by BLAS ssyrk")] = Floor(row, grads, syrk=True)
+            except ImportError:
+                pass
+    for floor in out.values():  # warm-up, as the optimizers had
+        for _ in range(3):
+            floor.step()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

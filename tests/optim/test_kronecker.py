@@ -153,6 +153,18 @@ def test_power_qr_refresh_against_the_literal_rule():
     assert K.power_qr_refresh(bad, q)[0] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 7), (64, 64), (130, 130), (40, 12)])
+def test_cpu_qr_without_r_is_torch_qr_bit_for_bit(shape, dtype):
+    """The CPU refresh's QR skips R (geqrf + householder_product); its Q must be the very one
+    torch.linalg.qr returns, since SOAP's reference-exact mode depends on it."""
+    gen = torch.Generator().manual_seed(shape[0])
+    for _ in range(3):
+        a = torch.randn(shape, generator=gen, dtype=dtype)
+        y = a @ torch.randn(shape[1], shape[1], generator=gen, dtype=dtype)
+        assert torch.equal(K._try_qr(y), torch.linalg.qr(y)[0])
+
+
 def test_cholesky_qr2():
     y = torch.randn(8, 5, dtype=torch.float64)
     q = K.cholesky_qr2(y)
