@@ -22,8 +22,11 @@ _B, _E = r"(?:^|[._])", r"(?:[._]|$)"  # a pattern must match whole name compone
 DEFAULT_PATTERNS: dict[str, str] = {
     "query_pattern": _B + r"(?:q_proj|wq|query)" + _E,
     "key_pattern": _B + r"(?:k_proj|wk|key)" + _E,
-    # concatenated [Q; K; V] rows; GPT-NeoX's per-head interleaved query_key_value is not this layout
+    # concatenated [Q; K; V] rows
     "qkv_pattern": _B + r"(?:c_attn|qkv_proj|qkv|wqkv|in_proj_weight)" + _E,
+    # per-head interleaved [q_h; k_h; v_h] rows (GPT-NeoX, BLOOM); checked before query_pattern,
+    # whose "query" would otherwise match inside "query_key_value"
+    "interleaved_qkv_pattern": _B + r"query_key_value" + _E,
     "embedding_pattern": _B + r"(?:wte|embed_tokens|tok_embeddings|embed|embd|embedding|word_embeddings)" + _E,
     "readout_pattern": _B + r"(?:lm_head|output|final_layer)" + _E,
 }
@@ -48,7 +51,9 @@ class AdamMini(BlockAdamBase):
        default branch does for LayerNorm/RMSNorm weights;
     3. role ``embedding``/``readout`` or an embedding/readout name: one block per token (row);
     4. a fused QKV weight (``qkv_pattern``), rows ``[Q; K; V]``: one block per head for the Q and
-       K rows, one per row for the V rows (head size = rows / (n_heads + 2·n_kv_heads));
+       K rows, one per row for the V rows (head size = rows / (n_heads + 2·n_kv_heads)); a
+       per-head interleaved one (``interleaved_qkv_pattern``, GPT-NeoX's ``query_key_value``:
+       rows ``[q_1; k_1; v_1; q_2; ...]``, n_kv_heads = n_heads): the same blocks, in that order;
     5. a query (key) weight: one block per head, ``head_dim`` consecutive rows
        (head_dim = rows / n_heads, or rows / n_kv_heads for keys);
     6. every other ≥ 2-D weight (value, attention output, MLP): one block per output neuron (row).
@@ -70,9 +75,10 @@ class AdamMini(BlockAdamBase):
         weight_decay: decoupled weight decay λ (default 0).
         n_heads: attention heads (needed when a query/key/QKV weight is present).
         n_kv_heads: key/value heads for grouped-query attention (default ``n_heads``).
-        query_pattern, key_pattern, qkv_pattern, embedding_pattern, readout_pattern: regexes
-            for those names (defaults in :data:`DEFAULT_PATTERNS`: ``q_proj``/``wq``/``query``,
-            ``k_proj``/``wk``/``key``, ``c_attn``/``qkv_proj``/``wqkv``/``in_proj_weight``,
+        query_pattern, key_pattern, qkv_pattern, interleaved_qkv_pattern, embedding_pattern,
+            readout_pattern: regexes for those names (defaults in :data:`DEFAULT_PATTERNS`:
+            ``q_proj``/``wq``/``query``, ``k_proj``/``wk``/``key``,
+            ``c_attn``/``qkv_proj``/``wqkv``/``in_proj_weight``, ``query_key_value``,
             ``wte``/``embed_tokens``/``tok_embeddings``, ``lm_head``/``output``).
 
     State: ``exp_avg`` (one float per parameter) + one float per block.
@@ -97,6 +103,7 @@ class AdamMini(BlockAdamBase):
         query_pattern: str = DEFAULT_PATTERNS["query_pattern"],
         key_pattern: str = DEFAULT_PATTERNS["key_pattern"],
         qkv_pattern: str = DEFAULT_PATTERNS["qkv_pattern"],
+        interleaved_qkv_pattern: str = DEFAULT_PATTERNS["interleaved_qkv_pattern"],
         embedding_pattern: str = DEFAULT_PATTERNS["embedding_pattern"],
         readout_pattern: str = DEFAULT_PATTERNS["readout_pattern"],
     ) -> None:
@@ -118,6 +125,7 @@ class AdamMini(BlockAdamBase):
                 ("query_pattern", query_pattern),
                 ("key_pattern", key_pattern),
                 ("qkv_pattern", qkv_pattern),
+                ("interleaved_qkv_pattern", interleaved_qkv_pattern),
                 ("embedding_pattern", embedding_pattern),
                 ("readout_pattern", readout_pattern),
             )
@@ -141,6 +149,8 @@ class AdamMini(BlockAdamBase):
             return row_layout(p)
         if self._matches("qkv_pattern", name):
             return self._qkv_layout(p, name)
+        if self._matches("interleaved_qkv_pattern", name):
+            return self._interleaved_qkv_layout(p, name)
         if self._matches("query_pattern", name):
             return self._head_layout(p, name, self.n_heads, "n_heads")
         if self._matches("key_pattern", name):
@@ -167,6 +177,20 @@ class AdamMini(BlockAdamBase):
             )
         head_dim = rows // (nq + 2 * nkv)
         return ((nq + nkv, head_dim * cols), (nkv * head_dim, cols))
+
+    def _interleaved_qkv_layout(self, p: Tensor, name: str) -> Layout:
+        if self.n_heads is None:
+            raise ValueError(f"{name!r} is a fused QKV weight: pass n_heads")
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(
+                f"{name!r} is a per-head interleaved QKV weight, which has n_kv_heads = n_heads; got "
+                f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} (for a [Q; K; V] layout set qkv_pattern)"
+            )
+        rows, cols = p.shape[0], p.numel() // p.shape[0]
+        if rows % (3 * self.n_heads):
+            raise ValueError(f"{name!r} has {rows} rows, not 3·n_heads·head_dim for n_heads={self.n_heads}; check n_heads")
+        head_dim = rows // (3 * self.n_heads)
+        return ((2, head_dim * cols), (head_dim, cols)) * self.n_heads
 
 
 def _compile(key: str, pattern: str) -> re.Pattern[str]:

@@ -137,6 +137,11 @@ def _block_ids(rule: str, shape: tuple[int, ...]) -> torch.Tensor:
         hd = rows // (N_HEADS + 2 * N_KV)
         qk_rows = (N_HEADS + N_KV) * hd
         ids = torch.where(r < qk_rows, r // hd, (N_HEADS + N_KV) + r - qk_rows)
+    elif rule == "neox_qkv":  # rows [q_1; k_1; v_1; q_2; ...], n_kv_heads = n_heads
+        hd = rows // (3 * N_HEADS)
+        head, within = r // (3 * hd), r % (3 * hd)
+        # per head: q one block, k one block, v one block per row (ids in row order)
+        ids = head * (2 + hd) + torch.where(within < 2 * hd, within // hd, 2 + within - 2 * hd)
     else:
         raise AssertionError(rule)
     return ids.repeat_interleave(numel // rows)
@@ -183,6 +188,35 @@ def test_matches_float64_rederivation_gpt2_naming():
         ref.step(grads)
     for n in ours:
         torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_neox_interleaved_qkv_matches_float64_rederivation():
+    """GPT-NeoX's query_key_value (per-head [q; k; v] rows) is not a query weight: q and k of each
+    head are a block each, every value row its own block (the paper's rule for values)."""
+    shapes = {
+        "gpt_neox.embed_in.weight": (VOCAB, D),
+        "gpt_neox.layers.0.attention.query_key_value.weight": (3 * N_HEADS * HEAD_DIM, D),
+        "gpt_neox.layers.0.attention.dense.weight": (D, D),
+        "embed_out.weight": (VOCAB, D),
+    }
+    rules = {n: "row" for n in shapes}
+    rules["gpt_neox.layers.0.attention.query_key_value.weight"] = "neox_qkv"
+    ours = _make(shapes)
+    ref_params = {n: p.detach().clone() for n, p in ours.items()}
+    opt = AdamMini(list(ours.items()), lr=3e-3, weight_decay=0.1, n_heads=N_HEADS,
+                   readout_pattern=r"(?:^|[._])(?:lm_head|embed_out)(?:[._]|$)")
+    ref = _Reference(ref_params, rules, {n: (3e-3, 0.1) for n in shapes}, (0.9, 0.95), 1e-8)
+    for step in range(15):
+        grads = _grads(ours, step)
+        _set_grads(ours, grads)
+        opt.step()
+        ref.step(grads)
+    for n in ours:
+        torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+    qkv = ours["gpt_neox.layers.0.attention.query_key_value.weight"]
+    assert opt.state[qkv]["block_exp_avg_sq"].numel() == N_HEADS * (2 + HEAD_DIM)
+    with pytest.raises(ValueError, match="n_kv_heads = n_heads"):
+        AdamMini([("attention.query_key_value.weight", torch.nn.Parameter(torch.randn(24, 8)))], n_heads=4, n_kv_heads=2)
 
 
 def test_llama_rules_match_rederivation_and_health():
