@@ -49,6 +49,12 @@ class MixPart:
 
     def __post_init__(self) -> None:
         self.optimizer = canonical_name(self.optimizer)
+        if isinstance(self.roles, str) or not isinstance(self.roles, (list, tuple)):
+            raise ValueError(f"mix part {self.optimizer!r}: roles must be a list such as ['readout', 'norm'], got {self.roles!r}")
+        self.hparams = _mapping("hparams", self.hparams)
+        for key in ("lr", "eps", "weight_decay"):
+            setattr(self, key, _number(f"mix part {self.optimizer!r}: {key}", getattr(self, key)))
+        self.betas = _betas(self.betas)
         if not self.roles:
             raise ValueError(f"mix part {self.optimizer!r} lists no roles; give e.g. roles=['readout', 'norm']")
         for role in self.roles:
@@ -107,9 +113,18 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
+        # Numbers from YAML may arrive as strings (PyYAML reads 3e-4, without a dot, as one)
+        self.lr = _number("lr", self.lr, required=True)
+        for key in ("eps", "weight_decay", "min_lr_ratio", "decay_fraction"):
+            setattr(self, key, _number(key, getattr(self, key), required=key != "eps"))
+        for key in ("warmup_steps", "total_steps"):
+            setattr(self, key, _number(key, getattr(self, key), integer=True, required=key == "warmup_steps"))
+        self.betas = _betas(self.betas)
+        for key in ("role_patterns", "overrides", "hparams"):
+            setattr(self, key, _mapping(key, getattr(self, key)))
+        if not isinstance(self.mix, (list, tuple)):
+            raise ValueError(f"mix must be a list of mix parts such as [{{'optimizer': 'adamw', 'roles': ['norm']}}], got {self.mix!r}")
         _check_common(self.lr, self.betas, self.eps, self.weight_decay)
-        if self.betas is not None:
-            self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         # Schedule settings are checked now, before any training starts.
         ScheduleFactor(self.schedule, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.decay_fraction)
         for pattern, role in self.role_patterns.items():
@@ -124,6 +139,9 @@ class OptimizerSpec:
                     f"overrides[{role!r}] has unknown keys {sorted(unknown)}; allowed: {', '.join(_GROUP_KEYS)}. "
                     "To run another algorithm on a role use `mix`."
                 )
+            settings = self.overrides[role] = {
+                k: (_betas(v) if k == "betas" else _number(f"overrides[{role!r}][{k!r}]", v)) for k, v in settings.items()
+            }
             _check_common(settings.get("lr"), settings.get("betas"), settings.get("eps"), settings.get("weight_decay"))
         if self.name == "schedule_free_adamw" and self.schedule != "constant":
             raise ValueError(
@@ -151,6 +169,43 @@ class OptimizerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _number(name: str, value: Any, *, integer: bool = False, required: bool = False) -> Any:
+    """``value`` as a number: numeric strings (as YAML may give) are converted; anything else that
+    is not a number raises a ``ValueError`` naming it. ``None`` passes unless ``required``."""
+    if value is None:
+        if required:
+            raise ValueError(f"{name} must be a number, got None")
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if integer:
+        if float(value) != int(value):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
+def _betas(betas: Any) -> Any:
+    if betas is None:
+        return None
+    if isinstance(betas, str) or not isinstance(betas, (list, tuple)):
+        raise ValueError(f"betas must be a pair such as [0.9, 0.95], got {betas!r}")
+    return tuple(_number(f"betas[{i}]", b, required=True) for i, b in enumerate(betas))
+
+
+def _mapping(name: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping (a dict, or a YAML block of key: value), got {value!r}")
+    return dict(value)
 
 
 def _check_common(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
@@ -241,6 +296,7 @@ def plan_param_groups(
     if main_groups:
         cls = get_optimizer_class(spec.name)
         kwargs = _constructor_kwargs(cls, spec.name, spec.lr, spec.betas, spec.eps, spec.hparams)
+        _check_override_keys(spec.overrides, {g["role"] for g in main_groups}, cls, spec.name)
         if spec.mup:
             main_groups = _mup_groups(cls, spec.name, main_groups, kwargs, spec.lr)
         plan.append((cls, spec.name, _with_group_momentum(main_groups, kwargs), kwargs))
@@ -261,10 +317,24 @@ def plan_param_groups(
         betas = part.betas if part.betas is not None else (spec.betas if inherit_betas else None)
         eps = part.eps if part.eps is not None else (spec.eps if "eps" in main_params and "eps" in part_params else None)
         kwargs = _constructor_kwargs(cls, part.optimizer, part.lr if part.lr is not None else spec.lr, betas, eps, part.hparams)
+        _check_override_keys(spec.overrides, set(part.roles), cls, part.optimizer)
         if spec.mup:
             part_groups = _mup_groups(cls, part.optimizer, part_groups, kwargs, spec.lr)
         plan.append((cls, part.optimizer, _with_group_momentum(part_groups, kwargs), kwargs))
     return plan
+
+
+def _check_override_keys(overrides: Mapping[str, Mapping[str, Any]], roles: set[str], cls: type, name: str) -> None:
+    """A per-role override the role's optimizer would ignore (eps for Lion, momentum for AdamW) is an error."""
+    params = _init_parameters(cls)
+    for role in sorted(roles):
+        for key in overrides.get(role, {}):
+            takes = key in params or (key == "betas" and "momentum" in params)  # betas[0] is SGD's momentum
+            if key not in ("lr", "weight_decay") and not takes:
+                raise ValueError(
+                    f"overrides[{role!r}] sets {key!r}, which optimizer {name!r} (it runs the {role} parameters) "
+                    f"does not take; remove it, or give the {role} role to another algorithm through `mix`"
+                )
 
 
 def _mup_groups(cls: type, name: str, groups: list[dict[str, Any]], kwargs: Mapping[str, Any], base_lr: float) -> list[dict[str, Any]]:

@@ -141,3 +141,54 @@ def test_sgd_without_momentum_reports_health(tiny_lm, lm_batch):
     assert h["lm_head.weight/eff_lr_q50"] == pytest.approx(0.1)
     g = tiny_lm.lm_head.weight.grad
     assert h["lm_head.weight/update_rms"] == pytest.approx((0.1 * g).pow(2).mean().sqrt().item(), rel=1e-5)
+    opt.zero_grad(set_to_none=True)  # after the step, as Lightning does: no state, no gradient
+    h = opt.health()
+    assert h["lm_head.weight/eff_lr_q50"] == pytest.approx(0.1) and "lm_head.weight/update_rms" not in h
+
+
+def test_adagrad_reports_nothing_before_its_first_step(tiny_lm, lm_batch):
+    opt = configure(tiny_lm, "adagrad", lr=0.1)["optimizer"]  # torch creates Adagrad's state here
+    assert opt.health() == {}
+    tiny_lm.loss(lm_batch).backward()
+    opt.step()
+    assert opt.health()["lm_head.weight/eff_lr_q50"] > 0
+
+
+def test_numbers_from_yaml_strings_are_converted():
+    """PyYAML reads 3e-4 (no dot) as a string; the spec converts numeric strings, rejects the rest."""
+    spec = OptimizerSpec(**yaml.safe_load(
+        "name: lion\nlr: 3e-4\nweight_decay: 1e-1\nbetas: [0.9, 0.99]\nschedule: cosine\n"
+        "total_steps: 100\nwarmup_steps: '10'\noverrides: {norm: {lr: 1e-3}}\n"
+    ))
+    assert spec.lr == 3e-4 and isinstance(spec.lr, float) and spec.weight_decay == 0.1
+    assert spec.warmup_steps == 10 and spec.overrides == {"norm": {"lr": 1e-3}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr="fast"), "lr must be a number, got 'fast'"),
+        (dict(lr=None), "lr must be a number, got None"),
+        (dict(lr=True), "lr must be a number"),
+        (dict(warmup_steps=2.5), "warmup_steps must be a whole number"),
+        (dict(betas="0.9,0.95"), "betas must be a pair"),
+        (dict(role_patterns=["lm_head"]), "role_patterns must be a mapping"),
+        (dict(hparams=[1]), "hparams must be a mapping"),
+        (dict(mix=[dict(optimizer="adamw", roles="norm")]), "roles must be a list"),
+        (dict(overrides={"norm": {"lr": "x"}}), r"overrides\['norm'\]\['lr'\] must be a number"),
+    ],
+)
+def test_wrong_types_fail_with_a_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerSpec(name="adamw", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, override",
+    [("adamw", {"momentum": 0.5}), ("lion", {"eps": 1e-6}), ("sgd", {"eps": 1e-6})],
+)
+def test_override_the_optimizer_would_ignore_is_an_error(tiny_lm, name, override):
+    with pytest.raises(ValueError, match=f"overrides\\['norm'\\] sets '{next(iter(override))}'.*{name}"):
+        configure(tiny_lm, name, lr=1e-3, overrides={"norm": override})
+    # what the role's optimizer does take is fine (SGD's betas[0] is its momentum)
+    configure(tiny_lm, "sgd", lr=1e-3, overrides={"norm": {"betas": (0.5, 0.0), "lr": 1e-2}})

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._validate import check_betas, check_eps, check_lr, check_range, check_weight_decay
+from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_range, check_weight_decay
 from .health import HealthMixin, diagonal_stats
 
 __all__ = ["Adafactor", "factored_second_moment_", "factored_denominators", "relative_step_size"]
@@ -182,7 +182,7 @@ def adafactor_update_(
     torch._foreach_add_(params, updates, alpha=-lr if isinstance(lr, float) else -1.0)
 
 
-class Adafactor(HealthMixin, torch.optim.Optimizer):
+class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     """Adam with Adafactor's factored second moment for matrices and a full first moment.
 
     r ← β2·r + (1−β2)·mean_j(g⊙g + ε1);  c ← β2·c + (1−β2)·mean_i(g⊙g + ε1);  V̂ = r cᵀ / mean(r);

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_weight_decay
+from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_weight_decay, rollback_group
 from .health import HealthMixin, diagonal_stats, quantile_stats
 
 __all__ = [
@@ -186,12 +186,13 @@ class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
         check_weight_decay(group["weight_decay"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._validate_group(group)
-        names = group.get("param_names")
-        for j, p in enumerate(group["params"]):  # build every layout once: bad names/shapes fail here
-            self._checked_layout(p, group, names[j] if names is not None and j < len(names) else None)
+        with rollback_group(self):  # a rejected group is not kept
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            self._validate_group(group)
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):  # build every layout once: bad names/shapes fail here
+                self._checked_layout(p, group, names[j] if names is not None and j < len(names) else None)
 
     def _checked_layout(self, p: Tensor, group: dict[str, Any], name: str | None) -> Layout:
         layout = self._layout(p, group, name)

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from ._validate import check_betas, check_eps, check_lr, check_range, check_weight_decay
+from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_range, check_weight_decay
 from .health import torch_optimizer_health
 
 __all__ = ["SGD", "AdamW", "Adagrad"]
 
 
-class SGD(torch.optim.SGD):
+class SGD(CheckedGroups, torch.optim.SGD):
     """``torch.optim.SGD``: ``b ← μ·b + g``; ``W ← W − η·(g + μ·b if nesterov else b)`` (+ L2 decay).
 
     Args: lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0 (coupled L2, as torch), nesterov=False.
@@ -33,7 +33,7 @@ class SGD(torch.optim.SGD):
         return torch_optimizer_health(self)
 
 
-class AdamW(torch.optim.AdamW):
+class AdamW(CheckedGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
 
     Args: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01. State: m, v (8 B/param).
@@ -53,7 +53,7 @@ class AdamW(torch.optim.AdamW):
         return torch_optimizer_health(self)
 
 
-class Adagrad(torch.optim.Adagrad):
+class Adagrad(CheckedGroups, torch.optim.Adagrad):
     """``torch.optim.Adagrad`` (Duchi et al. 2011): ``s ← s + g²``; ``W ← W − η·g/(sqrt(s) + ε)``.
 
     Args: lr=1e-2, lr_decay=0, weight_decay=0 (coupled L2, as torch), eps=1e-10. State: s (4 B/param).

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_weight_decay
+from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_weight_decay, rollback_group
 from .health import HealthMixin, quantile_stats, update_stats
 from .shampoo import looks_flattened, sharding_problem
 
@@ -218,8 +218,9 @@ class Muon(HealthMixin, torch.optim.Muon):
             )
         for key, val in getattr(self, "_extra_defaults", {}).items():
             param_group.setdefault(key, val)
-        super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        with rollback_group(self):  # a rejected group is not kept
+            super().add_param_group(param_group)
+            _check_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also loads a ``torch.optim.Muon`` state: groups without our keys get the constructor's values."""

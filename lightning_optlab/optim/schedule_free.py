@@ -9,7 +9,7 @@ import schedulefree
 import torch
 from torch import Tensor
 
-from ._validate import check_betas, check_eps, check_lr, check_range, check_weight_decay
+from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_range, check_weight_decay
 from .health import HealthMixin, quantile_stats, update_stats
 
 __all__ = ["ScheduleFreeAdamW", "TRAIN_WEIGHT_KEY"]
@@ -18,7 +18,7 @@ __all__ = ["ScheduleFreeAdamW", "TRAIN_WEIGHT_KEY"]
 TRAIN_WEIGHT_KEY = "train_weight"
 
 
-class ScheduleFreeAdamW(HealthMixin, schedulefree.AdamWScheduleFree):
+class ScheduleFreeAdamW(CheckedGroups, HealthMixin, schedulefree.AdamWScheduleFree):
     """Schedule-Free AdamW: z ← z − γ·ĝ, x ← (1−c)·x + c·z, gradients taken at y = (1−β1)·z + β1·x.
 
     ĝ is the Adam-normalized gradient g / (sqrt(v / (1−β2^t)) + ε) plus the weight decay λ·y,

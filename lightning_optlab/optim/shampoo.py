@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay, rollback_group
 from .health import HealthMixin, quantile_stats, update_stats
 from .kronecker import factor_mask, merged_shape, project, safe_eigh, update_factors_
 
@@ -243,17 +243,19 @@ class Shampoo(HealthMixin, torch.optim.Optimizer):
         self.last_refresh_seconds = 0.0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hparams(group)  # per-group overrides get the same checks
+        with rollback_group(self):  # a rejected group is not kept
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            _check_hparams(group)  # per-group overrides get the same checks
+            for p in group["params"]:
+                problem = sharding_problem(p)
+                if problem:
+                    raise ValueError(
+                        f"Shampoo needs whole parameters on every rank, but {_param_name(group, p)!r} is {problem}. "
+                        "Use DDP (every rank keeps whole parameters and computes the same update), or give the "
+                        "sharded parameters to AdamW through the per-role mix."
+                    )
         for p in group["params"]:
-            problem = sharding_problem(p)
-            if problem:
-                raise ValueError(
-                    f"Shampoo needs whole parameters on every rank, but {_param_name(group, p)!r} is {problem}. "
-                    "Use DDP (every rank keeps whole parameters and computes the same update), or give the sharded "
-                    "parameters to AdamW through the per-role mix."
-                )
             if looks_flattened(p):
                 warnings.warn(
                     f"Shampoo got a 1-D view of a larger buffer ({_param_name(group, p)!r}), as FSDP1 with "

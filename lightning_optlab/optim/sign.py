@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._validate import check_beta, check_betas, check_lr, check_weight_decay
+from ._validate import CheckedGroups, check_beta, check_betas, check_lr, check_weight_decay
 from .health import HealthMixin, quantile_stats, update_stats
 
 __all__ = ["Lion", "Signum", "sign_update"]
@@ -59,7 +59,7 @@ def sign_update(
     torch._foreach_add_(params, direction, alpha=-lr)
 
 
-class _SignOptimizer(HealthMixin, torch.optim.Optimizer):
+class _SignOptimizer(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     """State handling and health shared by Lion and Signum; subclasses say which betas to use."""
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
 from .health import HealthMixin, quantile_stats, update_stats
 from .kronecker import (
     eigenbasis,
@@ -77,7 +77,7 @@ def _is_sharded(p: Tensor) -> bool:
     return placements is not None and any(pl.is_shard() for pl in placements)
 
 
-class SOAP(HealthMixin, torch.optim.Optimizer):
+class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     """SOAP: W ← W − η·√(1−β2ᵗ)/(1−β1ᵗ)·Q_L (M / (√V + ε)) Q_Rᵀ, then W ← W − ηλW.
 
     Per matrix: factors L ← lerp(L, G Gᵀ, 1−β_s), R ← lerp(R, Gᵀ G, 1−β_s); bases Q_L, Q_R their

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
 from .health import HealthMixin, quantile_stats, update_stats
 
 __all__ = ["Sophia", "sophia_update", "sophia_gnb_estimate", "sophia_hutchinson_estimate"]
@@ -70,7 +70,7 @@ def sophia_update(
     torch._foreach_add_(params, ratio, alpha=-lr)
 
 
-class Sophia(HealthMixin, torch.optim.Optimizer):
+class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     """Sophia: W ← W − ηλW − η·sign(m)·min(|m| / (ρ·h + ε), 1), h an EMA of a diagonal Hessian estimate.
 
     m ← β1·m + (1−β1)·g every step; every ``update_period`` steps the training step refreshes

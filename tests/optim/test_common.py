@@ -188,3 +188,26 @@ def test_betas_outside_unit_interval_are_rejected(name, betas):
     params, _ = _quadratic(name=name)
     with pytest.raises(ValueError, match=r"betas?|beta"):
         get_optimizer_class(name)(params, **{**CASES[name], "betas": betas})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("bad", ["0.001", True, None])
+def test_lr_that_is_not_a_number_is_rejected(name, bad):
+    """A string learning rate (PyYAML reads 3e-4 as one) must not slip into the update."""
+    params, _ = _quadratic(name=name)
+    with pytest.raises(ValueError, match="lr must be a number"):
+        get_optimizer_class(name)(params, **{**CASES[name], "lr": bad})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("key, bad", [("lr", -1.0), ("weight_decay", -0.5), ("lr", "3e-4")])
+def test_bad_values_in_a_param_group_are_rejected(name, key, bad):
+    """Per-group values get the constructor's checks, in the constructor's groups and in added ones."""
+    params, _ = _quadratic(name=name)
+    cls = get_optimizer_class(name)
+    with pytest.raises(ValueError, match=key):
+        cls([{"params": [params[0]], key: bad}, {"params": [params[1]]}], **CASES[name])
+    opt = cls([params[0]], **CASES[name])
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [params[1]], key: bad})
+    assert len(opt.param_groups) == 1  # the bad group was not added
