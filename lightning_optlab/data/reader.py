@@ -161,13 +161,26 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield tail
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def document_from_record(record: object, path: str, line: int) -> Document | None:
-    """The :class:`Document` of one parsed JSON record, or ``None`` when it has no string ``text``."""
+    """The :class:`Document` of one parsed JSON record, or ``None`` when it has no string ``text``.
+
+    JSON may escape lone UTF-16 surrogates (``"\\ud83d"``, half an emoji cut by a crawler), which
+    no UTF-8 encoder or tokenizer accepts: each becomes U+FFFD, the replacement character, so the
+    rest of the document is kept.
+    """
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         return None
+    text = record["text"]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _LONE_SURROGATE.sub("\ufffd", text)
     meta = record.get("meta")
     source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-    return Document(text=record["text"], source=source if isinstance(source, str) else None, path=path, line=line)
+    return Document(text=text, source=source if isinstance(source, str) else None, path=path, line=line)
 
 
 class ShardReader:

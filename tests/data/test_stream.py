@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from _shards import make_docs, write_corpus
+from _shards import make_docs, write_corpus, write_zst
 from torch.utils.data import DataLoader
 
 from lightning_optlab.data import ByteTokenizer, PackedDataset, ShardReader, batches_before, in_validation
@@ -125,3 +125,16 @@ def test_layout_and_argument_errors(corpus, tmp_path):
     nothing = PackedDataset(ShardReader(root, sources=["NoSuchSet"]), ByteTokenizer(), seq_len=4, batch_size=1)
     with pytest.raises(RuntimeError, match="has no 'train' documents.*'RedPajamaBook': 20"):
         next(iter(nothing))
+
+
+def test_lone_surrogates_in_json_text_do_not_stop_the_stream(tmp_path):
+    """JSON can escape half a surrogate pair; UTF-8 cannot encode it. The character becomes U+FFFD
+    and the rest of the document is kept (it used to crash tokenization)."""
+    raw = [b'{"text": "lone \\ud83d half, a pair \\ud83d\\ude00 and more", "meta": {"redpajama_set_name": "X"}}']
+    root = tmp_path / "shards"
+    write_zst(root / "a.jsonl.zst", raw + make_docs(3))
+    docs = list(ShardReader(root))
+    assert docs[0].text == "lone \ufffd half, a pair \U0001F600 and more"
+    batches = list(PackedDataset(ShardReader(root), ByteTokenizer(), seq_len=8, batch_size=2, cycle=False))
+    stream = torch.cat([b.reshape(-1) for b in batches])
+    assert bytes(stream[:10].tolist()).startswith("lone \ufffd".encode())
