@@ -67,7 +67,9 @@ FAMILIES: dict[str, str] = {
     "muon": "muon",
 }
 # ε added to sqrt(second moment) (so it scales like the gradient): these take ε/m_in.
-_EPS_LIKE_GRAD = frozenset({"adamw", "adam_mini", "adalayer", "adagrad", "schedule_free_adamw", "soap"})
+_EPS_LIKE_GRAD = frozenset({"adamw", "adafactor", "adam_mini", "adalayer", "adagrad", "schedule_free_adamw", "soap"})
+# Shampoo's graft (Adam, AdaGrad, RMSprop) adds its own ε to a square root of second moments.
+_GRAFT_EPS_LIKE_GRAD = frozenset({"shampoo"})
 
 
 def mup_family(name: str, hparams: Mapping[str, Any]) -> str:
@@ -77,6 +79,11 @@ def mup_family(name: str, hparams: Mapping[str, Any]) -> str:
         raise ValueError(
             f"optimizer {name!r} has no μP rule; optimizers with one: {', '.join(sorted(FAMILIES))}. "
             "Turn mup off for it, or route its roles to one of these with a mix part"
+        )
+    if name == "adafactor" and hparams.get("relative_step", False):
+        raise ValueError(
+            "adafactor with relative_step=True has no μP rule: its step is scaled by RMS(W), which μP's "
+            "fan-in init makes width-dependent; use relative_step=False (the Adam rule then applies)"
         )
     if family == "shampoo":
         grafting = hparams.get("grafting", "adam")
@@ -161,6 +168,9 @@ def apply_mup_to_groups(
             eps = group.get("eps", defaults.get("eps"))
             if name in _EPS_LIKE_GRAD and isinstance(eps, (int, float)) and eps_m != 1.0:
                 new["eps"] = eps * eps_m
+            graft_eps = group.get("graft_eps", defaults.get("graft_eps"))
+            if name in _GRAFT_EPS_LIKE_GRAD and isinstance(graft_eps, (int, float)) and eps_m != 1.0:
+                new["graft_eps"] = graft_eps * eps_m
             new["mup_lr_mult"] = lr_m
             new["mup_lr_ratio"] = new["lr"] / base_lr if base_lr else lr_m
             out.append(new)

@@ -146,10 +146,37 @@ def _meta_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _delta_config(base: TransformerConfig) -> TransformerConfig:
-    width = 2 * base.n_embd
-    mlp_hidden = None if base.mlp_hidden is None else 2 * base.mlp_hidden
+def _scaled_config(base: TransformerConfig, k: int) -> TransformerConfig:
+    width = k * base.n_embd
+    mlp_hidden = None if base.mlp_hidden is None else k * base.mlp_hidden
     return dataclasses.replace(base, n_embd=width, mlp_hidden=mlp_hidden, **_heads_for(base, width))
+
+
+#: the largest width multiple tried for mup's delta model (and the one that decides which
+#: dimensions grow with the width)
+_MAX_DELTA = 64
+
+
+def _delta_config(base: TransformerConfig) -> TransformerConfig:
+    """mup's delta model: the smallest multiple ``k·n_embd`` (k ≥ 2) in which every dimension that
+    grows with the width differs from the base. An MLP hidden size rounded up to a multiple
+    (SwiGLU's ``mlp_multiple_of``) can stay equal at 2x the width (base 32 and 64 both give 256
+    at a multiple of 256), and mup would then take it for a fixed dimension."""
+    base_shapes = _meta_shapes(base)
+    far_shapes = _meta_shapes(_scaled_config(base, _MAX_DELTA))
+    growing = [
+        (name, i) for name, shape in base_shapes.items()
+        for i, (a, b) in enumerate(zip(shape, far_shapes[name])) if a != b
+    ]
+    for k in range(2, _MAX_DELTA):
+        try:
+            candidate = _scaled_config(base, k)
+        except ValueError:  # a width the head layout does not divide
+            continue
+        shapes = _meta_shapes(candidate)
+        if all(shapes[name][i] != base_shapes[name][i] for name, i in growing):
+            return candidate
+    return _scaled_config(base, _MAX_DELTA)
 
 
 def _base_infshapes(base: TransformerConfig) -> dict[str, InfShape]:

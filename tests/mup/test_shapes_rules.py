@@ -188,3 +188,28 @@ def _save(model) -> "io.BytesIO":
     torch.save(model.state_dict(), buf)
     buf.seek(0)
     return buf
+
+
+def test_rounded_mlp_width_is_still_a_width_dimension():
+    """SwiGLU's hidden size rounded up to a multiple of 256 is 256 at widths 32 and 64: the delta
+    model must be wide enough for mup to see the MLP grow, or gate/up/down become vector-like."""
+    cfg = {**TINY, "mlp_multiple_of": 256}
+    model = build_mup_model(cfg, base=32, n_embd=128)
+    shapes = {n: p.infshape for n, p in model.named_parameters()}
+    gate = next(n for n in shapes if "gate" in n)
+    down = next(n for n in shapes if "down" in n)
+    assert shapes[gate].ninf() == 2 and shapes[down].ninf() == 2
+    assert shapes[gate][0].width_mult() == pytest.approx(512 / 256)  # 8·128/3 → 512, base 256
+    opt = build_optimizer(model, OptimizerSpec(name="adamw", lr=1e-2, mup=True))
+    assert _lrs(opt)[id(dict(model.named_parameters())[gate])]["lr"] == pytest.approx(1e-2 / 4)  # fan-in 128/32
+
+
+def test_adafactor_and_shampoo_graft_eps_scale_and_relative_step_is_refused():
+    model = build_mup_model(TINY, base=32, n_embd=128)
+    hidden = next(p for n, p in model.named_parameters() if "q_proj" in n)
+    opt = build_optimizer(model, OptimizerSpec(name="adafactor", lr=1e-2, eps=1e-8, mup=True))
+    assert _lrs(opt)[id(hidden)]["eps"] == pytest.approx(1e-8 / 4)
+    opt = build_optimizer(model, OptimizerSpec(name="shampoo", lr=1e-2, mup=True, hparams={"graft_eps": 1e-8}))
+    assert _lrs(opt)[id(hidden)]["graft_eps"] == pytest.approx(1e-8 / 4)
+    with pytest.raises(ValueError, match="relative_step"):
+        OptimizerSpec(name="adafactor", lr=1e-2, mup=True, hparams={"relative_step": True})
