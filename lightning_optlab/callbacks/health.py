@@ -165,7 +165,8 @@ class PreconditionerHealth(Callback):
 
     Keys: ``health/<role>/<stat>``, ``health/<role>/grad_norm``, ``health/grad_norm``,
     ``health/readout_rows/eff_lr_<q>``, ``health/compute_seconds`` and the per-parameter
-    ``health_param/<name>/<stat>``; the step is ``trainer.global_step`` (optimizer steps taken).
+    ``health_param/<name>/<stat>``; the statistics of update N (``trainer.global_step`` = N) are
+    logged at index N − 1, beside that update's ``train/loss`` (histograms too).
     The statistics describe the optimizer state after that step, with the learning rate the next
     step will use (the LR scheduler has stepped), i.e. the step the optimizer is about to take.
     Roles come from the param groups' ``"role"`` (the configurator's), else from
@@ -290,7 +291,7 @@ class PreconditionerHealth(Callback):
             metrics.update({f"health/readout_rows/eff_lr_{k}": readout[i] for i, k in enumerate(_Q_KEYS)})
         self._record(step, per_param, roles, readout, pl_module)
         if self.histograms:
-            self._add_histograms(trainer, pl_module, names, step)
+            self._add_histograms(trainer, pl_module, names, max(0, step - 1))  # the scalars' index
         metrics["health/compute_seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         # Lightning logs the training metrics of update k (train/loss) at index k - 1: same here

@@ -124,7 +124,9 @@ class NonFiniteGuard(Callback):
             Pass 1 to catch the very first bad gradient. Whatever the rate, a checkpoint is never
             written with non-finite weights or optimizer state: the guard checks in
             ``on_save_checkpoint`` and raises before the file is written, so the last good
-            checkpoint on disk stays the last one.
+            checkpoint on disk stays the last one (weights-only checkpoints, for which Lightning
+            skips that hook, are checked just before their ``ModelCheckpoint`` saves), and a run
+            never ends quietly with non-finite weights (a last check at the end of training).
         check_state: also check the optimizer state after each checked step.
         snapshot: keep a copy of the parameters, optimizer state and param groups from before each
             checked step (one more model's worth of parameters and optimizer state in memory, on
@@ -198,6 +200,9 @@ class NonFiniteGuard(Callback):
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         # Runs while the checkpoint is assembled, before the file is written: refusing here keeps
         # the last good checkpoint on disk the newest one.
+        self._refuse_if_nonfinite(trainer, pl_module, "values in the state about to be checkpointed")
+
+    def _refuse_if_nonfinite(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", what: str) -> None:
         if not trainer.optimizers:
             return
         tensors, labels = self._tensors_to_check(trainer, pl_module)
@@ -208,9 +213,24 @@ class NonFiniteGuard(Callback):
         step = trainer.global_step
         self._record(step, "checkpoint", found)
         raise NonFiniteError(_message(
-            "values in the state about to be checkpointed", step, found, len(tensors),
+            what, step, found, len(tensors),
             f"The checkpoint was not written, so the last one saved is still the newest good state. The guard "
             f"checks every {self.check_every_n_steps} steps; check_every_n_steps=1 catches the first bad update."))
+
+    def _weights_only_save_may_follow(self, trainer: "pl.Trainer", at_step_end: bool) -> bool:
+        """Whether a ``ModelCheckpoint(save_weights_only=True)`` may save right after this hook.
+        Lightning does not call ``on_save_checkpoint`` for weights-only saves, so the guard checks
+        before them; it runs before ``ModelCheckpoint`` in the same hook (Lightning puts checkpoint
+        callbacks last)."""
+        for cb in trainer.checkpoint_callbacks:
+            if not getattr(cb, "save_weights_only", False):
+                continue
+            if not at_step_end:
+                return True  # epoch-end and validation-end saves
+            n = getattr(cb, "_every_n_train_steps", 0) or 0
+            if getattr(cb, "_train_time_interval", None) is not None or (n > 0 and trainer.global_step % n == 0):
+                return True
+        return False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = list(state_dict.get("events", []))
@@ -230,6 +250,23 @@ class NonFiniteGuard(Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
+        # The steps between checks end here: a run must not finish quietly with non-finite weights.
+        if trainer.optimizers and not trainer.sanity_checking:
+            tensors, labels = self._tensors_to_check(trainer, pl_module)
+            bad = nonfinite_indices(tensors)
+            if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                found = [f"{labels[i]} ({_kind(tensors[i])})" for i in bad]
+                self._record(trainer.global_step, "end of training", found)
+                raise NonFiniteError(_message("values at the end of training", trainer.global_step, found,
+                                              len(tensors), self._rate_hint()))
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._weights_only_save_may_follow(trainer, at_step_end=False):
+            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.sanity_checking and self._weights_only_save_may_follow(trainer, at_step_end=False):
+            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hooks()
@@ -271,6 +308,8 @@ class NonFiniteGuard(Callback):
         if self._stop_at is not None:
             step, self._stop_at = self._stop_at, None
             self._save_and_stop(trainer, step)
+        elif self._weights_only_save_may_follow(trainer, at_step_end=True):
+            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
 
     # --- checks and actions ---------------------------------------------------------------------
 

@@ -353,6 +353,10 @@ def test_identical_losses_with_and_without_the_callbacks(tmp_path):
     events.Reload()
     assert {f"health_hist/{READOUT}/log10_eff_lr", f"health_hist/{READOUT}/grad"} <= set(events.Tags()["histograms"])
     assert "health/hidden/eff_lr_q50" in events.Tags()["scalars"]
+    # histograms sit at the scalars' indices (update N at N - 1)
+    hist_steps = [e.step for e in events.Histograms(f"health_hist/{READOUT}/grad")]
+    scalar_steps = [e.step for e in events.Scalars("health/hidden/eff_lr_q50")]
+    assert hist_steps == scalar_steps == [1, 3]
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 

@@ -223,11 +223,28 @@ def test_too_many_consecutive_skips_raise(tmp_path):
 
 def test_checks_follow_check_every_n_steps(tmp_path):
     guard = NonFiniteGuard("skip", check_every_n_steps=2)
-    with pytest.warns(UserWarning, match="step 2"):
+    with pytest.warns(UserWarning, match="step 2"), pytest.raises(NonFiniteError, match="end of training"):
         _trainer(tmp_path, [NaNGradient(at=1), guard], max_steps=3).fit(_module(), _data())
     # step 1 is not checked: its NaN reaches the weights, and the next checked step (2) finds
-    # the gradients the NaN weights produce
-    assert [(e["step"], e["where"]) for e in guard.events] == [(2, "gradient")]
+    # the gradients the NaN weights produce; skipping cannot undo step 1, so the run does not
+    # end quietly: the last check, at the end of training, raises
+    assert [(e["step"], e["where"]) for e in guard.events] == [(2, "gradient"), (3, "end of training")]
+
+
+def test_weights_only_checkpoints_are_never_written_with_nan(tmp_path):
+    """Lightning skips on_save_checkpoint for weights-only saves; the guard checks before them."""
+    ckpt_dir = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=1, save_last=True,
+                            save_weights_only=True, filename="{step}")
+    guard = NonFiniteGuard()  # raise, checked every 20 steps: the NaN at step 3 is not seen by a step check
+    trainer = _trainer(tmp_path, [NaNGradient(at=3), guard, saver], max_steps=10, enable_checkpointing=True)
+    with pytest.raises(NonFiniteError, match="weights-only checkpoint"):
+        trainer.fit(_module(), _data())
+    files = sorted(p.name for p in ckpt_dir.iterdir())
+    assert files == ["last.ckpt", "step=2.ckpt"]
+    for name in files:
+        sd = torch.load(ckpt_dir / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in sd.values())
 
 
 # --- stop -----------------------------------------------------------------------------------------
