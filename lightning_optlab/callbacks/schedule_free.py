@@ -94,6 +94,7 @@ class ScheduleFreeModeSwitch(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._restore: list[tuple[Any, bool]] = []
+        self._train_weights: dict[torch.Tensor, torch.Tensor] = {}
 
     @staticmethod
     def _optimizers(trainer: "pl.Trainer") -> list[Any]:
@@ -108,15 +109,30 @@ class ScheduleFreeModeSwitch(Callback):
 
     def _enter_eval(self, trainer: "pl.Trainer") -> None:
         self._restore = [(opt, _in_train_mode(opt)) for opt in self._optimizers(trainer)]
+        # y is put back bit-exactly afterwards (as around checkpoint saves): train() would recompute
+        # it from x and z, off by rounding, and a run with validation would drift from one without
+        self._train_weights = {
+            p: p.detach().clone() for opt, was_train in self._restore if was_train
+            for g in opt.param_groups for p in g["params"]
+        }
         for opt, was_train in self._restore:
             if was_train:
                 opt.eval()
 
     def _leave_eval(self) -> None:
+        with torch.no_grad():
+            for p, y in self._train_weights.items():
+                p.copy_(y)
         for opt, was_train in self._restore:
             if was_train and not _in_train_mode(opt):
-                opt.train()
+                if self._train_weights:
+                    for group in opt.param_groups:
+                        if "train_mode" in group:
+                            group["train_mode"] = True
+                else:
+                    opt.train()
         self._restore = []
+        self._train_weights = {}
 
     # training
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
