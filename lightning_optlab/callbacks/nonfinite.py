@@ -476,7 +476,10 @@ class _Labels:
 
 def _message(where: str, step: int, found: list[str], total: int, tail: str) -> str:
     more = f" and {len(found) - _SHOW} more" if len(found) > _SHOW else ""
-    return (f"non-finite {where} at step {step} (trainer.global_step before the update): "
+    # checks around an update name it by global_step before it; the others by the steps taken
+    when = "trainer.global_step before the update" if where.startswith(("gradient", "update", "optimizer state")) \
+        else "trainer.global_step, the optimizer steps taken"
+    return (f"non-finite {where} at step {step} ({when}): "
             f"{', '.join(found[:_SHOW])}{more} (of {total} tensors checked). {tail} "
             "Lower the learning rate, add warmup or gradient clipping, or use NonFiniteGuard(action='skip' or 'stop').")
 
