@@ -85,12 +85,26 @@ class CausalLMModule(L.LightningModule):
             vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None:
             overrides["vocab_size"] = vocab
+            self._record_vocab(vocab)
         if self.mup_base is not None:
             from ..mup import build_mup_model
 
             self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
         else:
             self.model = build_model(self._model_spec, **overrides)
+
+    def _record_vocab(self, vocab: int) -> None:
+        """Put the datamodule's vocabulary size into the saved model spec, so that
+        ``CausalLMModule.load_from_checkpoint(path)`` rebuilds the same model without the data."""
+        spec = self._model_spec
+        if isinstance(spec, str):
+            spec = {"preset": spec}
+        if not isinstance(spec, Mapping):
+            return  # a config object: the hyperparameters hold only its repr
+        spec = {**spec, "vocab_size": int(vocab)}
+        self._model_spec = spec
+        if "model" in self.hparams:
+            self.hparams["model"] = spec
 
     def forward(self, idx: Tensor) -> Tensor:
         if self.model is None:

@@ -45,6 +45,20 @@ def test_preset_model_takes_the_datamodule_vocabulary(tmp_path):
     assert module.tokens_seen == 2 * 4 * 32
 
 
+def test_load_from_checkpoint_rebuilds_the_model_without_the_datamodule(tmp_path):
+    """The datamodule's vocabulary size goes into the saved model spec."""
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=_dm(tmp_path))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = CausalLMModule.load_from_checkpoint(path, weights_only=False)
+    loaded.configure_model()
+    assert loaded.model.config.vocab_size == 257
+    idx = torch.randint(0, 257, (2, 8))
+    assert torch.equal(loaded.eval()(idx), module.eval()(idx))
+
+
 def test_validation_perplexity_is_exp_of_the_token_weighted_loss(tmp_path):
     dm = _dm(tmp_path)
     module = _module()
