@@ -172,6 +172,17 @@ class _Reference:
             p.copy_(p - lr * wd * p - lr * (self.m[n] / (1 - b1**self.t)) / denom)
 
 
+def _run_both(ours, ref_params, opt, ref, steps):
+    """``steps`` steps of ours and of the re-derivation on the same gradients; equal parameters."""
+    for step in range(steps):
+        grads = _grads(ours, step)
+        _set_grads(ours, grads)
+        opt.step()
+        ref.step(grads)
+    for n in ours:
+        torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_matches_float64_rederivation_gpt2_naming():
     ours = _make(_gpt2_shapes())
     ref_params = {n: p.detach().clone() for n, p in ours.items()}
@@ -181,13 +192,7 @@ def test_matches_float64_rederivation_gpt2_naming():
     hp = {n: ((3e-3, 0.1) if p.dim() >= 2 else (1e-2, 0.0)) for n, p in ours.items()}
     opt = AdamMini(groups, betas=(0.9, 0.95), eps=1e-8, n_heads=N_HEADS, n_kv_heads=N_KV)
     ref = _Reference(ref_params, _GPT2_RULES, hp, (0.9, 0.95), 1e-8)
-    for step in range(25):
-        grads = _grads(ours, step)
-        _set_grads(ours, grads)
-        opt.step()
-        ref.step(grads)
-    for n in ours:
-        torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+    _run_both(ours, ref_params, opt, ref, steps=25)
 
 
 def test_neox_interleaved_qkv_matches_float64_rederivation():
@@ -206,13 +211,7 @@ def test_neox_interleaved_qkv_matches_float64_rederivation():
     opt = AdamMini(list(ours.items()), lr=3e-3, weight_decay=0.1, n_heads=N_HEADS,
                    readout_pattern=r"(?:^|[._])(?:lm_head|embed_out)(?:[._]|$)")
     ref = _Reference(ref_params, rules, {n: (3e-3, 0.1) for n in shapes}, (0.9, 0.95), 1e-8)
-    for step in range(15):
-        grads = _grads(ours, step)
-        _set_grads(ours, grads)
-        opt.step()
-        ref.step(grads)
-    for n in ours:
-        torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+    _run_both(ours, ref_params, opt, ref, steps=15)
     qkv = ours["gpt_neox.layers.0.attention.query_key_value.weight"]
     assert opt.state[qkv]["block_exp_avg_sq"].numel() == N_HEADS * (2 + HEAD_DIM)
     with pytest.raises(ValueError, match="n_kv_heads = n_heads"):
@@ -227,13 +226,7 @@ def test_llama_rules_match_rederivation_and_health():
     rules["layers.0.attn.k_proj.weight"] = f"heads:{N_KV}"
     opt = AdamMini(list(ours.items()), lr=2e-3, weight_decay=0.05, n_heads=N_HEADS, n_kv_heads=N_KV)
     ref = _Reference(ref_params, rules, {n: (2e-3, 0.05) for n in ours}, (0.9, 0.95), 1e-8)
-    for step in range(20):
-        grads = _grads(ours, step)
-        _set_grads(ours, grads)
-        opt.step()
-        ref.step(grads)
-    for n in ours:
-        torch.testing.assert_close(ours[n], ref_params[n], rtol=1e-12, atol=1e-13)
+    _run_both(ours, ref_params, opt, ref, steps=20)
     health = opt.health()
     expected_blocks = {
         "layers.0.attn.q_proj.weight": N_HEADS,
