@@ -232,8 +232,9 @@ class ModuleLM(TemplateLM):
                 owners, sums, hits = [], [], []
                 for row, key in enumerate(batch):
                     for i, first, targets in jobs[key]:
-                        # log-softmax only where a target is scored, in float32 at least
-                        lp = F.log_softmax(logits[row, first:first + len(targets)].float(), dim=-1)
+                        # log-softmax only where a target is scored, in float32 at least (float64 stays)
+                        scored = logits[row, first:first + len(targets)]
+                        lp = F.log_softmax(scored.to(torch.promote_types(scored.dtype, torch.float32)), dim=-1)
                         tgt = torch.tensor(targets, device=lp.device)
                         owners.append(i)
                         sums.append(lp.gather(1, tgt[:, None]).sum())

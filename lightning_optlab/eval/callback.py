@@ -102,6 +102,11 @@ class ZeroShotEval(Callback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module)
+        elif self.history:
+            # evaluated at this very step before a resume: the scores are in the restored history,
+            # and callback_metrics (which a sweep reads) should hold them as after a fresh run
+            for key, value in self.history[-1][1].items():
+                trainer.callback_metrics.setdefault(key, torch.tensor(value))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "last_step": self._last_step}

@@ -170,6 +170,10 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
     stops = [e for c in trainer.callbacks if isinstance(c, NonFiniteGuard) for e in c.events if e["action"] != "skip"]
     if status == "done" and stops:
         status, diverged_step = "diverged", stops[0]["step"]
+    if status == "diverged":  # the guard checks every few steps: the loss curve may say when it began
+        first_nan = next((r["step"] for r in recorder.curve if not math.isfinite(r.get("train_loss") or 0.0)), None)
+        if first_nan is not None and (diverged_step is None or first_nan < diverged_step):
+            diverged_step = first_nan
     evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
     final_val = math.nan
     if status == "done" and dm.config.val_batches > 0:
@@ -193,6 +197,19 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         recorder.write(d / "curve.csv")
         _write_json(d / "result.json", result)
     return result
+
+
+def _interrupted(err: SystemExit) -> bool:
+    """Whether a ``SystemExit`` comes from Ctrl-C (Lightning's handler raises ``SystemExit`` from the
+    ``KeyboardInterrupt``), not from a point's own failure."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _run_subprocess(point_dir: Path) -> None:
@@ -238,7 +255,13 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
             print(f"[{i + 1}/{len(todo)}] {d.name}", flush=True)
             try:
                 run_point(d)
-            except (Exception, SystemExit):  # noqa: BLE001 - one broken point (or bad config) must not end the sweep
+            except SystemExit as err:
+                if _interrupted(err):  # Ctrl-C: Lightning turns it into SystemExit; stop the sweep, resumable
+                    print(f"sweep interrupted during {d.name}; rerun the same command to resume", flush=True)
+                    raise
+                failures[d.name] = traceback.format_exc()
+                (d / "last_error.txt").write_text(failures[d.name])
+            except Exception:  # noqa: BLE001 - one broken point (or bad config) must not end the sweep
                 failures[d.name] = traceback.format_exc()
                 (d / "last_error.txt").write_text(failures[d.name])
             collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep

@@ -164,3 +164,16 @@ def test_two_process_ddp_finishes_and_sharding_matches_rank_zero(task_dir, tmp_p
         assert saved["n-samples"]["arc_easy"]["effective"] == 8  # both ranks' shares gathered
         assert saved["results"]["arc_easy"]["acc,none"] == logged["rank0"][0][1]["eval/arc_easy/acc"]
     assert 0 <= logged["rank0"][0][1]["eval/mmlu/acc"] <= 1
+
+
+def test_fit_end_after_a_resume_at_the_evaluated_step_restores_the_scores():
+    """A run resumed from a checkpoint taken right after its last evaluation (a sweep point killed
+    after its final checkpoint) does not evaluate again; its scores must still reach
+    callback_metrics, which a sweep reads for its table."""
+    from types import SimpleNamespace
+
+    cb = ZeroShotEval(tasks=["arc_easy"], task_dir="samples")
+    cb.load_state_dict({"history": [(2, {"eval/arc_easy/acc": 0.25}), (4, {"eval/arc_easy/acc": 0.5})], "last_step": 4})
+    trainer = SimpleNamespace(global_step=4, callback_metrics={})
+    cb.on_fit_end(trainer, None)
+    assert float(trainer.callback_metrics["eval/arc_easy/acc"]) == 0.5

@@ -95,6 +95,11 @@ def test_a_diverged_point_is_recorded_not_dropped_and_not_rerun(tmp_path):
     bad = by_lr[1e12]
     assert bad["status"] == "diverged" and bad["diverged_step"] is not None and 0 <= bad["diverged_step"] < 8
     assert "non-finite" in bad["error"]
+    # the step is the first non-finite training loss of the curve when there is one (the guard
+    # may find it at a later checked step)
+    curve = read_curve(out / "sgd__lr=1e+12__seed=0" / "curve.csv")
+    first_nan = next((r["step"] for r in curve if r["train_loss"] is not None and not math.isfinite(r["train_loss"])), None)
+    assert first_nan is None or bad["diverged_step"] == first_nan
     table = read_csv(out / "results.csv")
     assert [t["status"] for t in table] == ["done", "diverged"]
     result = json.loads((out / "sgd__lr=1e+12__seed=0" / "result.json").read_text())
@@ -102,6 +107,21 @@ def test_a_diverged_point_is_recorded_not_dropped_and_not_rerun(tmp_path):
     mtime = (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns
     run_sweep(recipe, out, executor="inline")
     assert (out / "sgd__lr=1e+12__seed=0" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_ctrl_c_is_told_from_a_failing_point():
+    from lightning_optlab.sweep.runner import _interrupted
+
+    def lightning_like_exit():  # what Lightning's handler does with a KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1)
+
+    with pytest.raises(SystemExit) as info:
+        lightning_like_exit()
+    assert _interrupted(info.value)
+    assert not _interrupted(SystemExit(2))
 
 
 def test_a_bad_point_config_fails_that_point_and_a_fixed_recipe_reruns_it(tmp_path):
