@@ -52,22 +52,28 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def readout_module_name(model: nn.Module) -> str | None:
-    """The qualified name of the module producing the logits, or None."""
-    last_linear = None
-    for name, module in model.named_modules():
-        # a model may name its readout module; read it from the class or the instance itself, not
-        # through a wrapper's attribute forwarding (torch.compile's OptimizedModule forwards to
-        # _orig_mod, which would name the readout relative to the wrong module)
+    """The qualified name of the module producing the logits, or None.
+
+    Rules in order of priority, each over the whole model before the next: a module that names its
+    readout (``optlab_readout``), then mup's ``MuReadout``, then a ``Linear`` named like a readout
+    (``lm_head``, ``head``, ``output``, ...), then the last ``Linear``.
+    """
+    modules = list(model.named_modules())
+    for name, module in modules:
+        # read it from the class or the instance itself, not through a wrapper's attribute
+        # forwarding (torch.compile's OptimizedModule forwards to _orig_mod, which would name the
+        # readout relative to the wrong module)
         explicit = getattr(type(module), "optlab_readout", None) or vars(module).get("optlab_readout")
         if isinstance(explicit, str):
             return f"{name}.{explicit}" if name else explicit
+    for name, module in modules:
         if type(module).__name__ == "MuReadout":
             return name
-        if isinstance(module, nn.Linear):
-            last_linear = name
-            if _READOUT_NAMES.match(name.rsplit(".", 1)[-1]):
-                return name
-    return last_linear
+    linears = [name for name, module in modules if isinstance(module, nn.Linear)]
+    for name in linears:
+        if _READOUT_NAMES.match(name.rsplit(".", 1)[-1]):
+            return name
+    return linears[-1] if linears else None
 
 
 def classify_parameters(

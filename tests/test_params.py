@@ -29,6 +29,36 @@ def test_last_linear_is_readout_of_any_model():
                      "4.weight": "readout", "4.bias": "bias"}
 
 
+def test_readout_rules_apply_in_priority_order_over_the_whole_model():
+    """A named readout (optlab_readout) beats a MuReadout, which beats a Linear named like a
+    readout, wherever each sits in the module tree."""
+    from mup import MuReadout
+
+    from lightning_optlab.models import build_model
+    from lightning_optlab.params import readout_module_name
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.output = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    class WithMuReadout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.block, self.decoder = nn.Embedding(10, 8), Block(), MuReadout(8, 10)
+
+    assert readout_module_name(WithMuReadout()) == "decoder"
+    assert classify_parameters(WithMuReadout())["block.output.weight"] == "hidden"
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 4)
+            self.model = build_model({"preset": "gpt2-tiny", "tie_embeddings": False})
+
+    assert readout_module_name(Wrapper()) == "model.lm_head"
+
+
 def test_tied_readout_counts_once_as_embedding(tiny_lm):
     tiny_lm.lm_head.weight = tiny_lm.wte.weight
     roles = classify_parameters(tiny_lm)
