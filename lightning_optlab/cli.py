@@ -149,6 +149,22 @@ def optlab_cli_class() -> type:
             parser.description = (f"Train a language model with the pack's optimizers (--optimizer.name: {names}). "
                                   "Recipes: recipes/*.yaml with --scale tiny|paper.")
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            """The Trainer; ``fit`` gets a ``NonFiniteGuard(action="raise")`` when the config has none,
+            so that no checkpoint is written with NaN weights (the guard refuses it) and a diverged run
+            ends with an error instead of training on at NaN (as the sweeps do)."""
+            trainer = super().instantiate_trainer(**kwargs)
+            from .callbacks.nonfinite import NonFiniteGuard
+
+            if self.subcommand == "fit" and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+                from lightning.pytorch.callbacks import Checkpoint
+
+                first_ckpt = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
+                                  len(trainer.callbacks))
+                # before the checkpoint callbacks, as Lightning orders them: the guard checks first
+                trainer.callbacks.insert(first_ckpt, NonFiniteGuard(action="raise", check_state=False))
+            return trainer
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             opt = config["optimizer"]

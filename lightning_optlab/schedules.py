@@ -51,7 +51,8 @@ class ScheduleFactor:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.schedule != "constant":
             if self.total_steps is None:
-                raise ValueError(f"schedule {self.schedule!r} needs total_steps (the number of optimizer steps)")
+                raise ValueError(f"schedule {self.schedule!r} needs total_steps (the number of optimizer steps; "
+                                 "under `optlab fit` trainer.max_steps sets it)")
             if self.total_steps <= self.warmup_steps:
                 raise ValueError(
                     f"total_steps ({self.total_steps}) must exceed warmup_steps ({self.warmup_steps}) "

@@ -92,6 +92,13 @@ class CausalLMModule(L.LightningModule):
             self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
         else:
             self.model = build_model(self._model_spec, **overrides)
+        seq_len = getattr(getattr(datamodule, "config", None), "seq_len", None)
+        block = getattr(getattr(self.model, "config", None), "block_size", None)
+        if isinstance(seq_len, int) and isinstance(block, int) and seq_len > block:
+            raise ValueError(
+                f"data.seq_len {seq_len} exceeds the model's block_size {block}: set model block_size ≥ {seq_len} "
+                f"(e.g. model: {{preset: ..., block_size: {seq_len}}}) or data.seq_len ≤ {block}"
+            )
 
     def _record_vocab(self, vocab: int) -> None:
         """Put the datamodule's vocabulary size into the saved model spec, so that
@@ -150,6 +157,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
+        checkpoint["optlab_optimizer"] = {"name": self.spec.name, "mix": [p.optimizer for p in self.spec.mix]}
         if self.spec.mup and self.model is not None:
             from ..mup import base_shapes_state
 
@@ -157,6 +165,17 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("optlab_tokens_seen", 0))
+        saved_opt = checkpoint.get("optlab_optimizer")
+        asked = {"name": self.spec.name, "mix": [p.optimizer for p in self.spec.mix]}
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"  # a resume, not load_from_checkpoint
+        if fitting and saved_opt is not None and saved_opt != asked:
+            # the optimizer state in the checkpoint belongs to another algorithm: loading it would
+            # fail deep inside torch (a missing group key) or, worse, run with the wrong state
+            raise ValueError(
+                f"this checkpoint was trained with optimizer {_describe(saved_opt)}, but the config asks for "
+                f"{_describe(asked)}; resume with the checkpoint's optimizer, or start a new run "
+                "(initialize from the checkpoint's weights without ckpt_path)"
+            )
         saved = checkpoint.get("optlab_mup_base_shapes")
         if saved is not None and self.model is not None:
             if not self.spec.mup:
@@ -165,3 +184,8 @@ class CausalLMModule(L.LightningModule):
             from ..mup import check_base_shapes
 
             check_base_shapes(self.model, saved)
+
+
+def _describe(opt: Mapping[str, Any]) -> str:
+    mix = opt.get("mix") or []
+    return repr(opt.get("name")) + (f" with mix parts {mix}" if mix else "")

@@ -160,14 +160,16 @@ class AdamMini(BlockAdamBase):
     def _head_layout(self, p: Tensor, name: str, heads: int | None, what: str) -> Layout:
         rows = p.shape[0]
         if heads is None:
-            raise ValueError(f"{name!r} is a query/key weight: pass n_heads (and n_kv_heads for grouped-query attention)")
+            raise ValueError(f"{name!r} is a query/key weight: pass n_heads (and n_kv_heads for grouped-query attention; "
+                             "in a config: optimizer.hparams.n_heads)")
         if rows % heads:
             raise ValueError(f"{name!r} has {rows} rows, not divisible by {what}={heads}; check n_heads/n_kv_heads")
         return ((heads, p.numel() // heads),)
 
     def _qkv_layout(self, p: Tensor, name: str) -> Layout:
         if self.n_heads is None:
-            raise ValueError(f"{name!r} is a fused QKV weight: pass n_heads (and n_kv_heads for grouped-query attention)")
+            raise ValueError(f"{name!r} is a fused QKV weight: pass n_heads (and n_kv_heads for grouped-query attention; "
+                             "in a config: optimizer.hparams.n_heads)")
         nq, nkv = self.n_heads, self.n_kv_heads
         rows, cols = p.shape[0], p.numel() // p.shape[0]
         if rows % (nq + 2 * nkv):
@@ -180,7 +182,7 @@ class AdamMini(BlockAdamBase):
 
     def _interleaved_qkv_layout(self, p: Tensor, name: str) -> Layout:
         if self.n_heads is None:
-            raise ValueError(f"{name!r} is a fused QKV weight: pass n_heads")
+            raise ValueError(f"{name!r} is a fused QKV weight: pass n_heads (in a config: optimizer.hparams.n_heads)")
         if self.n_kv_heads != self.n_heads:
             raise ValueError(
                 f"{name!r} is a per-head interleaved QKV weight, which has n_kv_heads = n_heads; got "

@@ -278,6 +278,12 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
     print(f"results: {Path(out_dir) / 'results.csv'} ({sum(r['status'] == 'done' for r in rows)} done, "
           f"{sum(r['status'] == 'diverged' for r in rows)} diverged, {sum(r['status'] == 'failed' for r in rows)} failed, "
           f"{sum(r['status'] in ('partial', 'pending') for r in rows)} unfinished)")
+    for name, text in failures.items():  # the reason of each failure, not only a count
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else "no result"
+        if last.startswith("SystemExit"):
+            last += " (a configuration error: its message is printed above)"
+        print(f"  failed: {name}: {last[:300]}  [{Path(out_dir) / name / 'last_error.txt'}]")
     return rows
 
 

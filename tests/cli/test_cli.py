@@ -97,6 +97,8 @@ def test_fit_trains_with_the_optimizer_given_on_the_command_line(recipe, tmp_pat
     assert [type(o).__name__ for o in [state["optimizer_states"]]] and "exp_avg" in str(state["optimizer_states"][0])
     saved = yaml.safe_load(next(root.rglob("config.yaml")).read_text())
     assert saved["optimizer"]["name"] == "lion" and saved["optimizer"]["lr"] == 3e-4
+    # fit adds a NonFiniteGuard (raise) when the config has none, before the checkpoint callbacks
+    assert any(k.startswith("NonFiniteGuard") for k in state["callbacks"])
 
 
 def test_check_is_a_dry_run(recipe, capsys):

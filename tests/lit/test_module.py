@@ -98,3 +98,25 @@ def test_resume_reproduces_the_loss_sequence_exactly(tmp_path, name, hparams):
     assert len(straight_rec.losses) == 2 * n and len(resumed_rec.losses) == n
     assert resumed_rec.losses == straight_rec.losses[n:]  # exact, not approximate
     assert resumed.tokens_seen == straight.tokens_seen
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
+    """The optimizer state in a checkpoint belongs to its algorithm: resuming it with another one
+    failed deep in torch (KeyError 'momentum') or silently ran with the wrong state."""
+    ckpt_dir = tmp_path / "ckpt"
+    first = _trainer(tmp_path, max_steps=2, limit_val_batches=0,
+                     callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)])
+    first.fit(_module("adamw"), datamodule=_dm(tmp_path))
+    (path,) = ckpt_dir.glob("*.ckpt")
+    with pytest.raises(ValueError, match="trained with optimizer 'adamw'.*asks for 'lion'"):
+        _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(_module("lion"), datamodule=_dm(tmp_path),
+                                                                 ckpt_path=str(path))
+    # loading the weights for evaluation is not a resume
+    assert CausalLMModule.load_from_checkpoint(path, weights_only=False) is not None
+
+
+def test_sequence_longer_than_the_model_fails_before_training(tmp_path):
+    module = CausalLMModule({"preset": "llama-tiny", "n_layer": 1, "n_embd": 32, "block_size": 16}, OptimizerSpec())
+    with pytest.raises(ValueError, match="data.seq_len 32 exceeds the model's block_size 16"):
+        _trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=_dm(tmp_path))
+    assert module.global_step == 0

@@ -124,12 +124,15 @@ def test_ctrl_c_is_told_from_a_failing_point():
     assert not _interrupted(SystemExit(2))
 
 
-def test_a_bad_point_config_fails_that_point_and_a_fixed_recipe_reruns_it(tmp_path):
+def test_a_bad_point_config_fails_that_point_and_a_fixed_recipe_reruns_it(tmp_path, capsys):
     out = tmp_path / "sweep"
     recipe = _recipe(tmp_path, [1e-3])
     recipe["optimizer"]["warmup_steps"] = 20  # more than max_steps: the parser rejects the point
     (row,) = run_sweep(recipe, out, executor="inline")
     assert row["status"] == "failed" and point_status(out / row["point"]) == "pending"
+    printed = capsys.readouterr()
+    assert f"failed: {row['point']}: SystemExit" in printed.out and "last_error.txt" in printed.out
+    assert "warmup_steps" in printed.err  # the parser's own message
     recipe["optimizer"]["warmup_steps"] = 1
     (row,) = run_sweep(recipe, out, executor="inline")  # a point that never started takes the fixed config
     assert row["status"] == "done"
