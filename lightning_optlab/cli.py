@@ -118,7 +118,7 @@ def optlab_cli_class() -> type:
     """The LightningCLI subclass (built on first use, so that ``import lightning_optlab.cli`` stays light)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from .configure import OptimizerSpec
+    from .configure import OptimizerSpec, check_constructor_arguments
 
     class OptlabCLI(LightningCLI):
         """LightningCLI with the pack's ``OptimizerSpec`` as the ``optimizer`` group.
@@ -172,7 +172,8 @@ def optlab_cli_class() -> type:
             if opt.get("total_steps") is None and opt.get("schedule", "constant") != "constant" and max_steps and max_steps > 0:
                 opt["total_steps"] = max_steps
             try:
-                OptimizerSpec(**_plain(opt))
+                spec = OptimizerSpec(**_plain(opt))
+                check_constructor_arguments(spec)  # a misspelled hparam is a parser error, not a traceback
             except (ValueError, TypeError) as err:
                 parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
                 parser.error(f"--optimizer: {err}")  # usage and the message, exit status 2

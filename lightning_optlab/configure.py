@@ -257,6 +257,15 @@ def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, h
     return kwargs
 
 
+def check_constructor_arguments(spec: OptimizerSpec) -> None:
+    """Raise the ``ValueError`` :func:`build_optimizer` would raise for arguments an optimizer does
+    not take (a misspelled ``hparams`` key, betas for a method without them), without a model."""
+    _constructor_kwargs(get_optimizer_class(spec.name), spec.name, spec.lr, spec.betas, spec.eps, spec.hparams)
+    for part in spec.mix:
+        _constructor_kwargs(get_optimizer_class(part.optimizer), part.optimizer, part.lr if part.lr is not None else spec.lr,
+                            part.betas, part.eps, part.hparams)
+
+
 def _model_of(module_or_model: Any) -> nn.Module:
     if isinstance(module_or_model, nn.Module):
         return module_or_model

@@ -78,6 +78,7 @@ def test_scale_selects_the_recipe_section(recipe):
     (["--optimizer.betas", "[0.9, 1.5]"], "betas"),
     (["--optimizer.lrr", "3"], "--optimizer.lrr"),
     (["--trainer.max_stepz", "3"], "--trainer.max_stepz"),
+    (["--optimizer.name", "sophia", "--optimizer.hparams", "{rhoo: 0.04}"], "got unknown arguments ['rhoo']"),
 ])
 def test_bad_values_and_unknown_keys_are_parser_errors(recipe, capsys, extra, message):
     assert main(["fit", "--config", str(recipe), *extra]) == 2
