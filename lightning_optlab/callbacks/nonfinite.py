@@ -202,7 +202,9 @@ class NonFiniteGuard(Callback):
         # the last good checkpoint on disk the newest one.
         self._refuse_if_nonfinite(trainer, pl_module, "values in the state about to be checkpointed")
 
-    def _refuse_if_nonfinite(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", what: str) -> None:
+    def _refuse_if_nonfinite(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", what: str,
+                             where: str = "checkpoint", tail: Optional[str] = None) -> None:
+        """Raise :class:`NonFiniteError` if any parameter (or state tensor) is not finite."""
         if not trainer.optimizers:
             return
         tensors, labels = self._tensors_to_check(trainer, pl_module)
@@ -211,11 +213,15 @@ class NonFiniteGuard(Callback):
             return
         found = [f"{labels[i]} ({_kind(tensors[i])})" for i in bad]
         step = trainer.global_step
-        self._record(step, "checkpoint", found)
-        raise NonFiniteError(_message(
-            what, step, found, len(tensors),
-            f"The checkpoint was not written, so the last one saved is still the newest good state. The guard "
-            f"checks every {self.check_every_n_steps} steps; check_every_n_steps=1 catches the first bad update."))
+        self._record(step, where, found)
+        if tail is None:
+            tail = (f"The checkpoint was not written, so the last one saved is still the newest good state. The guard "
+                    f"checks every {self.check_every_n_steps} steps; check_every_n_steps=1 catches the first bad update.")
+        raise NonFiniteError(_message(what, step, found, len(tensors), tail))
+
+    def _before_weights_only_save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", at_step_end: bool) -> None:
+        if self._weights_only_save_may_follow(trainer, at_step_end):
+            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
 
     def _weights_only_save_may_follow(self, trainer: "pl.Trainer", at_step_end: bool) -> bool:
         """Whether a ``ModelCheckpoint(save_weights_only=True)`` may save right after this hook.
@@ -251,22 +257,16 @@ class NonFiniteGuard(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
         # The steps between checks end here: a run must not finish quietly with non-finite weights.
-        if trainer.optimizers and not trainer.sanity_checking:
-            tensors, labels = self._tensors_to_check(trainer, pl_module)
-            bad = nonfinite_indices(tensors)
-            if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-                found = [f"{labels[i]} ({_kind(tensors[i])})" for i in bad]
-                self._record(trainer.global_step, "end of training", found)
-                raise NonFiniteError(_message("values at the end of training", trainer.global_step, found,
-                                              len(tensors), self._rate_hint()))
+        if not trainer.sanity_checking:
+            self._refuse_if_nonfinite(trainer, pl_module, "values at the end of training",
+                                      where="end of training", tail=self._rate_hint())
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._weights_only_save_may_follow(trainer, at_step_end=False):
-            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
+        self._before_weights_only_save(trainer, pl_module, at_step_end=False)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.sanity_checking and self._weights_only_save_may_follow(trainer, at_step_end=False):
-            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
+        if not trainer.sanity_checking:
+            self._before_weights_only_save(trainer, pl_module, at_step_end=False)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hooks()
@@ -308,8 +308,8 @@ class NonFiniteGuard(Callback):
         if self._stop_at is not None:
             step, self._stop_at = self._stop_at, None
             self._save_and_stop(trainer, step)
-        elif self._weights_only_save_may_follow(trainer, at_step_end=True):
-            self._refuse_if_nonfinite(trainer, pl_module, "values about to be saved by a weights-only checkpoint")
+        else:
+            self._before_weights_only_save(trainer, pl_module, at_step_end=True)
 
     # --- checks and actions ---------------------------------------------------------------------
 

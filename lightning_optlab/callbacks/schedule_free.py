@@ -111,26 +111,13 @@ class ScheduleFreeModeSwitch(Callback):
         self._restore = [(opt, _in_train_mode(opt)) for opt in self._optimizers(trainer)]
         # y is put back bit-exactly afterwards (as around checkpoint saves): train() would recompute
         # it from x and z, off by rounding, and a run with validation would drift from one without
-        self._train_weights = {
-            p: p.detach().clone() for opt, was_train in self._restore if was_train
-            for g in opt.param_groups for p in g["params"]
-        }
+        self._train_weights = _copy_train_weights([opt for opt, was_train in self._restore if was_train])
         for opt, was_train in self._restore:
             if was_train:
                 opt.eval()
 
     def _leave_eval(self) -> None:
-        with torch.no_grad():
-            for p, y in self._train_weights.items():
-                p.copy_(y)
-        for opt, was_train in self._restore:
-            if was_train and not _in_train_mode(opt):
-                if self._train_weights:
-                    for group in opt.param_groups:
-                        if "train_mode" in group:
-                            group["train_mode"] = True
-                else:
-                    opt.train()
+        _back_to_train_weights([opt for opt, was_train in self._restore if was_train], self._train_weights)
         self._restore = []
         self._train_weights = {}
 
@@ -170,7 +157,7 @@ class ScheduleFreeModeSwitch(Callback):
             return
         # y is kept bit-exactly: recomputing it from x after eval() would perturb training by
         # rounding at every save, and a resumed run could not match an uninterrupted one.
-        train_weights = {p: p.detach().clone() for opt in switched for g in opt.param_groups for p in g["params"]}
+        train_weights = _copy_train_weights(switched)
         for opt in switched:
             opt.eval()
         try:
@@ -182,13 +169,23 @@ class ScheduleFreeModeSwitch(Callback):
                     _attach_train_weights(opt, sd, train_weights)
                 checkpoint["optimizer_states"] = states
         finally:
-            with torch.no_grad():
-                for p, y in train_weights.items():
-                    p.copy_(y)
-            for opt in switched:
-                for group in opt.param_groups:
-                    if "train_mode" in group:
-                        group["train_mode"] = True
+            _back_to_train_weights(switched, train_weights)
+
+
+def _copy_train_weights(opts: list[Any]) -> dict[torch.Tensor, torch.Tensor]:
+    """A copy of y (the parameters of optimizers in train mode), to put back bit-exactly."""
+    return {p: p.detach().clone() for opt in opts for g in opt.param_groups for p in g["params"]}
+
+
+@torch.no_grad()
+def _back_to_train_weights(opts: list[Any], train_weights: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Train mode again with the copied y, instead of ``train()``'s recomputation from x and z."""
+    for p, y in train_weights.items():
+        p.copy_(y)
+    for opt in opts:
+        for group in opt.param_groups:
+            if "train_mode" in group:
+                group["train_mode"] = True
 
 
 def _attach_train_weights(opt: Any, state_dict: dict[str, Any], train_weights: dict[torch.Tensor, torch.Tensor]) -> None:

@@ -100,6 +100,10 @@ class CausalLMModule(L.LightningModule):
                 f"(e.g. model: {{preset: ..., block_size: {seq_len}}}) or data.seq_len ≤ {block}"
             )
 
+    def _optimizer_identity(self) -> dict[str, Any]:
+        """What a checkpoint's optimizer state belongs to: the algorithm and its mix parts."""
+        return {"name": self.spec.name, "mix": [p.optimizer for p in self.spec.mix]}
+
     def _record_vocab(self, vocab: int) -> None:
         """Put the datamodule's vocabulary size into the saved model spec, so that
         ``CausalLMModule.load_from_checkpoint(path)`` rebuilds the same model without the data."""
@@ -157,7 +161,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
-        checkpoint["optlab_optimizer"] = {"name": self.spec.name, "mix": [p.optimizer for p in self.spec.mix]}
+        checkpoint["optlab_optimizer"] = self._optimizer_identity()
         if self.spec.mup and self.model is not None:
             from ..mup import base_shapes_state
 
@@ -166,7 +170,7 @@ class CausalLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("optlab_tokens_seen", 0))
         saved_opt = checkpoint.get("optlab_optimizer")
-        asked = {"name": self.spec.name, "mix": [p.optimizer for p in self.spec.mix]}
+        asked = self._optimizer_identity()
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"  # a resume, not load_from_checkpoint
         if fitting and saved_opt is not None and saved_opt != asked:
             # the optimizer state in the checkpoint belongs to another algorithm: loading it would

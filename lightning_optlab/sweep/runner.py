@@ -171,7 +171,7 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
     if status == "done" and stops:
         status, diverged_step = "diverged", stops[0]["step"]
     if status == "diverged":  # the guard checks every few steps: the loss curve may say when it began
-        first_nan = next((r["step"] for r in recorder.curve if not math.isfinite(r.get("train_loss") or 0.0)), None)
+        first_nan = _first_nonfinite_step(recorder.curve)
         if first_nan is not None and (diverged_step is None or first_nan < diverged_step):
             diverged_step = first_nan
     evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
@@ -181,8 +181,8 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
     final_train = _final_train_loss(recorder.curve)
     if status == "done" and not (math.isfinite(final_train) and (math.isfinite(final_val) or dm.config.val_batches == 0)):
         status = "diverged"  # a NaN the guard did not check (e.g. between its checked steps)
-        diverged_step = next((r["step"] for r in recorder.curve if not math.isfinite(r.get("train_loss") or 0.0)),
-                             trainer.global_step)
+        first_nan = _first_nonfinite_step(recorder.curve)
+        diverged_step = trainer.global_step if first_nan is None else first_nan
     s = recorder.clock.summary
     result = {
         "point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"], "seed": meta["seed"],
@@ -197,6 +197,11 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         recorder.write(d / "curve.csv")
         _write_json(d / "result.json", result)
     return result
+
+
+def _first_nonfinite_step(curve: list[dict[str, Any]]) -> int | None:
+    """The first step of a loss curve whose training loss is NaN or infinite (None if none is)."""
+    return next((r["step"] for r in curve if not math.isfinite(r.get("train_loss") or 0.0)), None)
 
 
 def _interrupted(err: SystemExit) -> bool:
