@@ -39,7 +39,7 @@ def plain_loop(args: argparse.Namespace, device: torch.device) -> float:
     """Seconds per step of a hand-written loop: forward, loss, backward, step, scheduler, zero_grad."""
     torch.manual_seed(0)
     model = build_model(args.preset, block_size=args.seq).to(device)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, backend=getattr(args, "compile_backend", "inductor")) if args.compile else model
     out = configure(model, OptimizerSpec(name=args.optimizer, lr=1e-3))
     opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
     batches = _batches(args, model.config.vocab_size, device)
@@ -83,7 +83,7 @@ def lightning_loop(args: argparse.Namespace, device: torch.device) -> float:
     torch.manual_seed(0)
     model = build_model(args.preset, block_size=args.seq)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=getattr(args, "compile_backend", "inductor"))
     module = CausalLMModule(model, OptimizerSpec(name=args.optimizer, lr=1e-3))
     timer = StepTimer()
     batches = [b.cpu() for b in _batches(args, build_model(args.preset, block_size=8).config.vocab_size, torch.device("cpu"))]

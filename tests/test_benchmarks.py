@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,55 @@ def test_peer_table_prints_ratios_and_floors(capsys):
     assert "pytorch_optimizer.SOAP" in out and "pytorch_optimizer.Shampoo" in out
     floor_rows = out.split("floors (")[1].splitlines()[2:]
     assert any(r.startswith("soap") for r in floor_rows) and any(r.startswith("shampoo") for r in floor_rows)
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_dry_run_fills_every_section(tmp_path, capsys):
+    """The accelerator suite's code path on the CPU at tiny sizes: every section yields rows with
+    measured numbers, the baseline's ratio is 1, every speed option ran a short training run."""
+    bench = _load("gpu_suite")
+    threads = torch.get_num_threads()
+    out_json = tmp_path / "suite.json"
+    try:
+        assert bench.main(["--dry-run", "--json", str(out_json)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    import json
+
+    rows = json.loads(out_json.read_text())["rows"]
+    by_section: dict[str, list[dict]] = {}
+    for r in rows:
+        by_section.setdefault(r["section"], []).append(r)
+    assert set(by_section) == {"step", "options", "mfu", "to_loss"}
+    step = {r["name"]: r for r in by_section["step"]}
+    from lightning_optlab.optim import available_optimizers
+
+    assert set(available_optimizers()) <= set(step)  # every registered optimizer is timed
+    assert step["adamw"]["ratio"] == pytest.approx(1.0)
+    assert all(r["median_ms"] > 0 and r["amortized_ms"] > 0 for r in step.values())
+    assert step["adamw"]["bytes_per_param"] == pytest.approx(8.0)  # two float32 moments
+    assert any(n.startswith("adamw compiled") for n in step)
+    assert len(by_section["options"]) == len(bench.OPTIONS)
+    assert all(r["loss"] > 0 and r["median_ms"] > 0 for r in by_section["options"])
+    assert len(by_section["mfu"]) == 4 and all(r["median_ms"] > 0 for r in by_section["mfu"])
+    printed = capsys.readouterr().out
+    assert "gpu_suite on cpu" in printed and "to_loss" in printed
+
+
+def test_gpu_suite_budget_stops_new_rows(capsys):
+    bench = _load("gpu_suite")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--dry-run", "--sections", "options", "--budget-s", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.count("not run: the 0 s budget was spent") == len(bench.OPTIONS)
