@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "grid_best",
     "summarize",
     "plot",
+    "figure",
+    "best_of",
     "format_summary",
     "verdict",
     "write_report",
@@ -203,6 +206,7 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict
                     if bar is not None:
                         bar.update(1)
                 results[key]["loss"][str(width)] = row
+            results[key]["best_per_seed"] = {w: [best_of(r)] for w, r in results[key]["loss"].items()}
     if bar is not None:
         bar.close()
     return {"config": dataclasses.asdict(cfg), "seed": seed, "seeds": [seed], "results": results,
@@ -281,8 +285,34 @@ def combine(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     mean.append(math.inf)
             loss[str(w)] = mean
         out[key] = {"log2_lrs": [float(x) for x in res["log2_lrs"]], "widths": widths, "loss": loss}
+        per_seed = _best_per_seed(records, key, widths)
+        if per_seed is not None:
+            out[key]["best_per_seed"] = per_seed
     config = records[0].get("config") or records[0].get("args")
     return {"config": config, "seeds": seeds, "results": out}
+
+
+def _best_per_seed(records: Sequence[Mapping[str, Any]], key: str, widths: Sequence[int]) -> Optional[dict[str, list[float]]]:
+    """Every seed's best-of-grid loss per width, from the records' ``best_per_seed`` (or, for a
+    one-seed record without it, from its curve); None when a pooled record lacks them."""
+    out: dict[str, list[float]] = {str(w): [] for w in widths}
+    for rec in records:
+        res = rec["results"][key]
+        if "best_per_seed" in res:
+            for w in widths:
+                out[str(w)].extend(float(v) for v in res["best_per_seed"][str(w)])
+        elif len(rec.get("seeds") or [rec.get("seed")]) == 1:
+            for w in widths:
+                out[str(w)].append(best_of(res["loss"][str(w)]))
+        else:
+            return None
+    return out
+
+
+def best_of(losses: Sequence[float]) -> float:
+    """The lowest finite loss of a curve (inf if every point diverged)."""
+    finite = [float(v) for v in losses if math.isfinite(float(v))]
+    return min(finite) if finite else math.inf
 
 
 def grid_best(log2_lrs: Sequence[float], losses: Sequence[float]) -> Optional[float]:
@@ -326,23 +356,51 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
             return None if any(v is None for v in vals) else (max(vals) - min(vals)) / step  # type: ignore[type-var]
 
         outside = [w for w, v in f.items() if v is not None and not grid[0] <= v <= grid[-1]]
+        per_seed = res.get("best_per_seed") or {}
+        spread = {}
+        for w in widths:
+            vals = [float(v) for v in per_seed.get(str(w), []) if math.isfinite(float(v))]
+            spread[w] = statistics.stdev(vals) if len(vals) > 1 else None
         summary[key] = {"widths": widths, "grid_step": step, "grid_best_log2_lr": g, "fitted_best_log2_lr": f,
-                        "grid_shift_steps": shift(g), "fitted_shift_steps": shift(f), "fitted_outside_grid": outside}
+                        "grid_shift_steps": shift(g), "fitted_shift_steps": shift(f), "fitted_outside_grid": outside,
+                        "best_loss": {w: best_of(rows[w]) for w in widths}, "best_loss_seed_std": spread}
     return summary
 
 
 def verdict(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: float = 1.0) -> dict[str, dict[str, Any]]:
     """Per optimizer with both parametrizations: does μP's fitted optimum move by ≤ ``max_mup_shift``
-    grid steps across widths while SP's moves further?"""
+    grid steps across widths while SP's moves further (``transfers``)? And μP's quality promise
+    (Tensor Programs V, Fig. 1): is μP's best loss lower at every wider width, within the seed
+    spread, and lower at the widest than at the narrowest (``wider_is_better``); is it no worse than
+    SP's best at any width, within the seed spread (``not_worse_than_sp``)? The tolerance at a
+    comparison is the larger seed standard deviation of the two points (0 without seeds' bests)."""
     out: dict[str, dict[str, Any]] = {}
     for key in summary:
         name, par = key.rsplit("/", 1)
         if par != "mup" or f"{name}/sp" not in summary:
             continue
-        mu, sp = summary[key]["fitted_shift_steps"], summary[f"{name}/sp"]["fitted_shift_steps"]
+        smu, ssp = summary[key], summary[f"{name}/sp"]
+        mu, sp = smu["fitted_shift_steps"], ssp["fitted_shift_steps"]
         ok = mu is not None and sp is not None and mu <= max_mup_shift < sp
-        out[name] = {"mup_shift": mu, "sp_shift": sp, "transfers": ok}
+        out[name] = {"mup_shift": mu, "sp_shift": sp, "transfers": ok, **_quality(smu, ssp)}
     return out
+
+
+def _quality(smu: Mapping[str, Any], ssp: Mapping[str, Any]) -> dict[str, Any]:
+    if "best_loss" not in smu:  # a summary from before best losses were recorded
+        return {}
+    widths = smu["widths"]
+    best, std = smu["best_loss"], smu.get("best_loss_seed_std") or {}
+
+    def tol(*points: tuple[Mapping[Any, Any], int]) -> float:
+        return max([(d.get(w) or 0.0) for d, w in points] + [0.0])
+
+    sstd = ssp.get("best_loss_seed_std") or {}
+    wider = all(best[b] <= best[a] + tol((std, a), (std, b)) for a, b in zip(widths, widths[1:])) \
+        and best[widths[-1]] < best[widths[0]]
+    gaps = {w: best[w] - ssp["best_loss"][w] for w in widths}
+    not_worse = all(gaps[w] <= tol((std, w), (sstd, w)) for w in widths)
+    return {"wider_is_better": wider, "not_worse_than_sp": not_worse, "mup_minus_sp_best_loss": gaps}
 
 
 def format_summary(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: float = 1.0) -> str:
@@ -360,10 +418,21 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: floa
         lines.append(f"{'':12s} fitted {' '.join(fmt(s['fitted_best_log2_lr'][w], 2) for w in widths)}   shift "
                      f"{fmt(s['fitted_shift_steps'], 2)} grid steps"
                      + (f"   (outside the grid at widths {s['fitted_outside_grid']})" if s["fitted_outside_grid"] else ""))
+        if "best_loss" in s:
+            std = s.get("best_loss_seed_std") or {}
+            best = " ".join(f"{s['best_loss'][w]:6.3f}" for w in widths)
+            lines.append(f"{'':12s} best   {best}   held-out loss, best of grid"
+                         + (f"; seed std {' '.join(fmt(std.get(w), 3) for w in widths)}" if any(std.values()) else ""))
     for name, v in verdict(summary, max_mup_shift).items():
         mu, sp = v["mup_shift"], v["sp_shift"]
         lines.append(f"{name}: fitted optimum moves {fmt(mu, 2).strip()} grid steps under μP, {fmt(sp, 2).strip()} under SP: "
                      + ("transfers (μP ≤ %g, SP further)" % max_mup_shift if v["transfers"] else "not shown"))
+        if "wider_is_better" in v:
+            gaps = " ".join(f"{g:+.3f}" for g in v["mup_minus_sp_best_loss"].values())
+            lines.append(f"{name}: μP's best loss {'falls' if v['wider_is_better'] else 'does NOT fall'} with width; "
+                         f"μP − SP best loss per width {gaps}: "
+                         + ("μP no worse than SP" if v["not_worse_than_sp"] else "μP WORSE than SP somewhere")
+                         + " (within the seed spread)")
     return "\n".join(lines)
 
 
@@ -385,9 +454,23 @@ def write_report(record: Mapping[str, Any], out: str | Path, *, title: str = "",
 
 def plot(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]], out: str | Path,
          title: str = "") -> Path:
+    """Draw :func:`figure` and save it as ``out`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, summary, title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def figure(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]], title: str = ""):
     """Top row, one panel per ``<optimizer>/<mup|sp>``: held-out loss vs log2 lr per width (★ grid
-    arg-min, ▼ and dotted line: fitted optimum). Bottom row, one panel per optimizer: best log2(lr)
-    vs width, μP against SP (filled: fitted, open: grid arg-min)."""
+    arg-min, ▼ and dotted line: fitted optimum). Middle row, one panel per optimizer: best log2(lr)
+    vs width, μP against SP (filled: fitted, open: grid arg-min). Bottom row, one panel per
+    optimizer: the best held-out loss of the grid vs width, μP against SP, with the seeds' standard
+    deviation as error bars where the record has every seed's best (μP's promise: lower with width)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,55 +479,77 @@ def plot(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Mapping
     keys = list(results)
     names = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in keys))
     ncols = max(len(keys), len(names))
-    fig, axes = plt.subplots(2, ncols, figsize=(3.9 * ncols, 7.0), squeeze=False)
-    for ax in list(axes[0][len(keys):]) + list(axes[1][len(names):]):
+    fig, axes = plt.subplots(3, ncols, figsize=(3.9 * ncols, 10.2), squeeze=False)
+    for ax in list(axes[0][len(keys):]) + list(axes[1][len(names):]) + list(axes[2][len(names):]):
         ax.axis("off")
     for ax, key in zip(axes[0], keys):
-        res, s = results[key], summary[key]
-        grid = [float(x) for x in res["log2_lrs"]]
-        finite_all = []
-        for w in [int(w) for w in res["widths"]]:
-            row = [float(v) if math.isfinite(float(v)) else float("nan") for v in res["loss"][str(w)]]
-            finite_all += [v for v in row if v == v]
-            line, = ax.plot(grid, row, marker="o", ms=3, label=f"width {w}")
-            gb = s["grid_best_log2_lr"][w]
-            if gb is not None:
-                ax.plot([gb], [row[grid.index(gb)]], marker="*", ms=11, color=line.get_color())
-            fb = s["fitted_best_log2_lr"][w]
-            if fb is not None:
-                ax.axvline(fb, color=line.get_color(), ls=":", lw=1)
-                ax.plot([fb], [1.0], marker="v", ms=7, color=line.get_color(), transform=ax.get_xaxis_transform(),
-                        clip_on=False)
-        label = key.replace("/mup", " — μP").replace("/sp", " — SP")
-        shift = s["fitted_shift_steps"]
-        ax.set_title(f"{label}\nfitted optimum moves {'—' if shift is None else f'{shift:.2f}'} grid steps", fontsize=9)
-        ax.set_xlabel("log2 learning rate (base)")
-        ax.set_ylabel("held-out loss")
-        if finite_all:
-            lo = min(finite_all)
-            ax.set_ylim(lo - 0.05, min(max(finite_all), lo + 1.2))
-        ax.legend(fontsize=7)
+        _curves_panel(ax, results[key], summary[key], key)
     for ax, name in zip(axes[1], names):
-        for par, style in (("mup", "-o"), ("sp", "--s")):
-            s = summary.get(f"{name}/{par}")
-            if s is None:
-                continue
-            ws = [w for w in s["widths"] if s["fitted_best_log2_lr"][w] is not None]
-            line, = ax.plot(ws, [s["fitted_best_log2_lr"][w] for w in ws], style,
-                            label=f"{'μP' if par == 'mup' else 'SP'} fitted")
-            gw = [w for w in s["widths"] if s["grid_best_log2_lr"][w] is not None]
-            ax.plot(gw, [s["grid_best_log2_lr"][w] for w in gw], style[-1], mfc="none", alpha=0.6, ms=8,
-                    color=line.get_color(), label=f"{'μP' if par == 'mup' else 'SP'} grid arg-min")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.set_ylabel("best log2 learning rate")
-        ax.set_title(f"{name}: best learning rate vs width", fontsize=9)
-        ax.legend(fontsize=7)
+        _best_lr_panel(ax, summary, name)
+    for ax, name in zip(axes[2], names):
+        _best_loss_panel(ax, summary, name)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def _curves_panel(ax: Any, res: Mapping[str, Any], s: Mapping[str, Any], key: str) -> None:
+    grid = [float(x) for x in res["log2_lrs"]]
+    finite_all = []
+    for w in [int(w) for w in res["widths"]]:
+        row = [float(v) if math.isfinite(float(v)) else float("nan") for v in res["loss"][str(w)]]
+        finite_all += [v for v in row if v == v]
+        line, = ax.plot(grid, row, marker="o", ms=3, label=f"width {w}")
+        gb = s["grid_best_log2_lr"][w]
+        if gb is not None:
+            ax.plot([gb], [row[grid.index(gb)]], marker="*", ms=11, color=line.get_color())
+        fb = s["fitted_best_log2_lr"][w]
+        if fb is not None:
+            ax.axvline(fb, color=line.get_color(), ls=":", lw=1)
+            ax.plot([fb], [1.0], marker="v", ms=7, color=line.get_color(), transform=ax.get_xaxis_transform(),
+                    clip_on=False)
+    label = key.replace("/mup", " — μP").replace("/sp", " — SP")
+    shift = s["fitted_shift_steps"]
+    ax.set_title(f"{label}\nfitted optimum moves {'—' if shift is None else f'{shift:.2f}'} grid steps", fontsize=9)
+    ax.set_xlabel("log2 learning rate (base)")
+    ax.set_ylabel("held-out loss")
+    if finite_all:
+        lo = min(finite_all)
+        ax.set_ylim(lo - 0.05, min(max(finite_all), lo + 1.2))
+    ax.legend(fontsize=7)
+
+
+def _best_lr_panel(ax: Any, summary: Mapping[str, Mapping[str, Any]], name: str) -> None:
+    for par, style in (("mup", "-o"), ("sp", "--s")):
+        s = summary.get(f"{name}/{par}")
+        if s is None:
+            continue
+        ws = [w for w in s["widths"] if s["fitted_best_log2_lr"][w] is not None]
+        line, = ax.plot(ws, [s["fitted_best_log2_lr"][w] for w in ws], style,
+                        label=f"{'μP' if par == 'mup' else 'SP'} fitted")
+        gw = [w for w in s["widths"] if s["grid_best_log2_lr"][w] is not None]
+        ax.plot(gw, [s["grid_best_log2_lr"][w] for w in gw], style[-1], mfc="none", alpha=0.6, ms=8,
+                color=line.get_color(), label=f"{'μP' if par == 'mup' else 'SP'} grid arg-min")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("best log2 learning rate")
+    ax.set_title(f"{name}: best learning rate vs width", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _best_loss_panel(ax: Any, summary: Mapping[str, Mapping[str, Any]], name: str) -> None:
+    for par, style in (("mup", "-o"), ("sp", "--s")):
+        s = summary.get(f"{name}/{par}")
+        if s is None or "best_loss" not in s:
+            continue
+        ws = [w for w in s["widths"] if math.isfinite(s["best_loss"][w])]
+        std = s.get("best_loss_seed_std") or {}
+        err = [std.get(w) or 0.0 for w in ws]
+        ax.errorbar(ws, [s["best_loss"][w] for w in ws], yerr=err if any(err) else None, fmt=style, capsize=3,
+                    label=f"{'μP' if par == 'mup' else 'SP'}" + (" (± seed std)" if any(err) else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("best held-out loss of the grid")
+    ax.set_title(f"{name}: best loss vs width (wider should be better)", fontsize=9)
+    ax.legend(fontsize=7)

@@ -147,3 +147,57 @@ def test_parallel_seeds_give_the_same_numbers_as_sequential_ones():
     assert sorted(saved) == [0, 1] and [r["seed"] for r in parallel] == [0, 1]
     for a, b in zip(parallel, sequential):
         assert a["results"] == b["results"]
+
+
+def _two_seed_results(mup_best, sp_best, grid=(-3.0, -2.0, -1.0)):
+    """One-seed records whose curves have their minimum (the given best loss) at log2 lr -2."""
+    recs = []
+    for seed, jitter in ((0, -0.01), (1, 0.01)):
+        results = {}
+        for par, bests in (("mup", mup_best), ("sp", sp_best)):
+            results[f"adamw/{par}"] = {"log2_lrs": list(grid), "widths": [32, 64, 128],
+                                       "loss": {str(w): [b + jitter + 0.5, b + jitter, b + jitter + 0.3]
+                                                for w, b in zip((32, 64, 128), bests)}}
+        recs.append({"seed": seed, "seeds": [seed], "results": results})
+    return recs
+
+
+def test_best_loss_per_width_and_its_seed_spread_survive_pooling():
+    pooled = lt.combine(_two_seed_results([3.0, 2.9, 2.8], [3.0, 2.95, 2.9]))
+    res = pooled["results"]["adamw/mup"]
+    assert res["best_per_seed"]["64"] == pytest.approx([2.89, 2.91])
+    s = lt.summarize(pooled["results"])
+    assert s["adamw/mup"]["best_loss"] == pytest.approx({32: 3.0, 64: 2.9, 128: 2.8})
+    assert s["adamw/mup"]["best_loss_seed_std"][128] == pytest.approx(0.02 / math.sqrt(2))
+    # pooling a pooled record again keeps every seed's best (weights: 2 seeds + 1)
+    again = lt.combine([pooled, _two_seed_results([3.0, 2.9, 2.8], [3.0, 2.95, 2.9])[0]])
+    assert len(again["results"]["adamw/sp"]["best_per_seed"]["32"]) == 3
+
+
+def test_quality_verdict_wider_is_better_and_not_worse_than_sp():
+    good = lt.verdict(lt.summarize(lt.combine(_two_seed_results([3.0, 2.9, 2.8], [3.0, 2.95, 2.9]))["results"]))
+    assert good["adamw"]["wider_is_better"] is True and good["adamw"]["not_worse_than_sp"] is True
+    assert good["adamw"]["mup_minus_sp_best_loss"][128] == pytest.approx(-0.1)
+    # the issue's picture: μP flat with width while SP improves by more than the seed spread
+    bad = lt.verdict(lt.summarize(lt.combine(_two_seed_results([2.87, 2.89, 2.85], [2.87, 2.80, 2.63]))["results"]))
+    assert bad["adamw"]["wider_is_better"] is False and bad["adamw"]["not_worse_than_sp"] is False
+    text = lt.format_summary(lt.summarize(lt.combine(_two_seed_results([2.87, 2.89, 2.85], [2.87, 2.80, 2.63]))["results"]))
+    assert "μP's best loss does NOT fall with width" in text and "μP WORSE than SP" in text
+    assert "best    2.870  2.890  2.850" in text
+
+
+def test_figure_has_a_best_loss_vs_width_panel_with_the_summary_numbers():
+    import matplotlib.pyplot as plt
+
+    pooled = lt.combine(_two_seed_results([3.0, 2.9, 2.8], [3.0, 2.95, 2.9]))
+    s = lt.summarize(pooled["results"])
+    fig = lt.figure(pooled["results"], s, "t")
+    try:
+        panel = [ax for ax in fig.axes if "best loss vs width" in ax.get_title()]
+        assert len(panel) == 1
+        ys = sorted(tuple(line.get_ydata()) for line in panel[0].lines if line.get_marker() in ("o", "s"))
+        assert ys == sorted([tuple(s["adamw/mup"]["best_loss"].values()), tuple(s["adamw/sp"]["best_loss"].values())])
+        assert panel[0].get_xscale() == "log"
+        assert panel[0].containers and panel[0].containers[0].has_yerr  # the seeds' spread is drawn
+    finally:
+        plt.close(fig)
