@@ -99,3 +99,28 @@ def test_gpu_suite_budget_stops_new_rows(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("not run: the 0 s budget was spent") == len(bench.OPTIONS)
+
+
+def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path, capsys):
+    bench = _load("mup_quality")
+    threads = torch.get_num_threads()
+    out = tmp_path / "q.json"
+    try:
+        assert bench.main(["--candidates", "default", "attn_sqrt", "init_std=0.1", "vector_lr=0.25", "steps=3",
+                           "--widths", "16", "32", "--mup-log2-lrs", "-5", "-4", "--sp-log2-lrs", "-6",
+                           "--seeds", "0", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                           "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    import json
+
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"default", "attn_sqrt", "init_std=0.1", "vector_lr=0.25", "steps=3"}
+    d = table["default"]
+    assert d["mup_minus_sp"]["0"] == pytest.approx(d["wide"]["0"] - d["sp_wide"]["0"])
+    # the base width is where μP equals SP: the attention-scale candidate changes nothing there
+    assert table["attn_sqrt"]["base"]["0"] == pytest.approx(d["base"]["0"])
+    assert table["attn_sqrt"]["wide"]["0"] != pytest.approx(d["wide"]["0"])
+    assert table["steps=3"]["sp_wide"]["0"] != pytest.approx(d["sp_wide"]["0"])  # SP rerun at that length
+    with pytest.raises(ValueError, match="unknown candidate"):
+        bench.parse_candidate("init=0.1")
