@@ -330,6 +330,7 @@ class NonFiniteGuard(Callback):
     def _after_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any, args: Any, kwargs: Any
     ) -> None:
+        self._optimizer_skips(trainer, optimizer)
         step, self._pending = self._pending, None
         if step is None:
             return  # not a checked step (or a step taken outside Lightning's loop)
@@ -356,6 +357,22 @@ class NonFiniteGuard(Callback):
             raise NonFiniteError(_message(f"{where} after the update", step, found, len(tensors), hint + self._rate_hint()))
         snap.restore()
         self._after_skip(trainer, step, found, where)
+
+    def _optimizer_skips(self, trainer: "pl.Trainer", optimizer: Any) -> None:
+        """Act on the updates the optimizer itself skipped for non-finite values (its ``nonfinite="skip"``
+        policy, reported by ``pop_nonfinite_skips``): read after every step, checked or not (no device read)."""
+        pop = getattr(optimizer, "pop_nonfinite_skips", None)
+        skipped = pop() if callable(pop) else []
+        if not skipped:
+            return
+        step = trainer.global_step
+        found = [f"{what} (skipped by the optimizer)" for what in skipped]
+        self._record(step, "gradient", found)
+        if self.action == "raise":
+            raise NonFiniteError(_message(
+                "gradient", step, found, len(found),
+                "The optimizer left those parameters as they were (its nonfinite='skip' policy) and stepped the others."))
+        self._after_skip(trainer, step, found, "gradient")
 
     def _tensors_to_check(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"

@@ -149,7 +149,7 @@ def test_sharded_parameters_are_refused():
     try:
         mesh = init_device_mesh("cpu", (1,))
         w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"Muon needs whole matrices on every rank, but parameter 'param0 of its group' is a DTensor"):
+        with pytest.raises(ValueError, match=r"Muon needs whole tensors on every rank, but parameter 'group0.param0' is a DTensor"):
             Muon([w])
     finally:
         dist.destroy_process_group()
@@ -172,7 +172,7 @@ def test_sharded_parameters_are_refused():
         (dict(scale="match_rms_adamw"), "scale must be one of 'rms_match', 'original'"),
         (dict(ns_coefficients=(1.0, 2.0)), "ns_coefficients must be three finite numbers"),
         (dict(ns_dtype="half"), "ns_dtype must be one of"),
-        (dict(nonfinite="ignore"), "nonfinite must be 'skip' or 'raise'"),
+        (dict(nonfinite="zero"), "nonfinite must be one of 'skip', 'raise', 'ignore', got 'zero'"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match):
