@@ -9,12 +9,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..optim.base import optimizer_traits
 from ..optim.schedule_free import TRAIN_WEIGHT_KEY, ScheduleFreeAdamW
 
 __all__ = ["ScheduleFreeModeSwitch", "attach_schedule_free_switch", "schedule_free_optimizers"]
 
 
 def _is_schedule_free(opt: Any) -> bool:
+    """Declared (``traits.eval_mode``), or duck-typed for optimizers from outside the pack."""
+    if optimizer_traits(opt).eval_mode:
+        return True
     return (
         callable(getattr(opt, "train", None))
         and callable(getattr(opt, "eval", None))

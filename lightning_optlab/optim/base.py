@@ -107,8 +107,9 @@ class HParams:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The declared hyperparameters (group keys)."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The declared hyperparameters (group keys), the shared ``nonfinite`` last."""
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "nonfinite"]
+        return (*own, "nonfinite")
 
     @classmethod
     def check_group(cls, group: Mapping[str, Any]) -> None:
@@ -412,8 +413,8 @@ def iter_leaf_optimizers(obj: Any) -> Iterator[torch.optim.Optimizer]:
 
 
 def optimizer_traits(opt: Any) -> Traits:
-    """The declared traits of an optimizer (defaults for one from outside the pack)."""
-    traits = getattr(type(opt), "traits", None)
+    """The declared traits of an optimizer or optimizer class (defaults for one that declares none)."""
+    traits = getattr(opt if isinstance(opt, type) else type(opt), "traits", None)
     return traits if isinstance(traits, Traits) else Traits()
 
 

@@ -262,7 +262,7 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """
 
     hparams_class = ShampooHParams
-    traits = Traits(mup_family="shampoo", mup_eps_keys=("graft_eps",), whole_tensors=True, float32_state=True,
+    traits = Traits(mup_family="adam", mup_eps_keys=("graft_eps",), whole_tensors=True, float32_state=True,
                     nonfinite="skip", skips_in_state=True)
 
     def __init__(
