@@ -38,7 +38,16 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ._validate import rollback_group
+from ._validate import (  # re-exported: the checks an optimizer's HParams.check uses
+    check_beta,
+    check_betas,
+    check_eps,
+    check_lr,
+    check_positive_int,
+    check_range,
+    check_weight_decay,
+    rollback_group,
+)
 from .health import named_params
 
 __all__ = [
@@ -48,8 +57,15 @@ __all__ = [
     "call_closure",
     "Traits",
     "OptlabOptimizer",
+    "check_beta",
+    "check_betas",
     "check_bool",
     "check_choice",
+    "check_eps",
+    "check_lr",
+    "check_positive_int",
+    "check_range",
+    "check_weight_decay",
     "iter_leaf_optimizers",
     "optimizer_traits",
     "param_name",
