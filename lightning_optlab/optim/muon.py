@@ -346,17 +346,17 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         return out
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (``avx512_bf16`` or ``amx_bf16`` in
-    /proc/cpuinfo; False where that file does not exist). Read once per process.
+@functools.lru_cache(maxsize=4)
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (``avx512_bf16`` or ``amx_bf16`` among
+    the flags of ``cpuinfo``; False where that file does not exist). Read once per process.
 
     ``torch.backends.cpu.get_cpu_capability()`` does not tell: it reports ``AVX512`` on CPUs with and
     without them, and bfloat16 matmuls are several times faster than float32 ones with them and far
     slower without.
     """
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())

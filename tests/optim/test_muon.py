@@ -295,3 +295,20 @@ def test_configure_routes_non_hidden_roles_to_adamw(tiny_lm, lm_batch, monkeypat
     with pytest.raises(ValueError, match="Muon orthogonalizes 2-D hidden weight matrices only"):
         with pytest.warns(UserWarning, match="Muon was given the"):  # embedding and readout
             lightning_optlab.configure(tiny_lm, "muon", lr=0.02)  # without the mix the norms reach Muon
+
+
+def test_auto_ns_dtype_follows_the_cpu_bf16_flags(tmp_path, monkeypatch):
+    from lightning_optlab.optim import muon as muon_module
+
+    with_units, without = tmp_path / "amd", tmp_path / "old"
+    with_units.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert muon_module.cpu_has_bf16_units(str(with_units)) is True
+    assert muon_module.cpu_has_bf16_units(str(without)) is False
+    assert muon_module.cpu_has_bf16_units(str(tmp_path / "missing")) is False
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(muon_module, "cpu_has_bf16_units", lambda: True)
+    assert muon_module._ns_dtype("auto", cpu) == torch.bfloat16 and muon_module._ns_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(muon_module, "cpu_has_bf16_units", lambda: False)
+    assert muon_module._ns_dtype("auto", cpu) == torch.float32
+    assert muon_module._ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
