@@ -23,7 +23,7 @@ from torch import Tensor
 from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
 from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice, looks_flattened, param_name, sharding_problem
 from .health import HealthMixin, quantile_stats, update_stats
-from .kronecker import factor_mask, merged_shape, project, safe_eigh, update_factors_
+from .kronecker import factor_health, factor_mask, merged_shape, project, safe_eigh, side_names, update_factors_
 
 __all__ = ["Shampoo", "ShampooHParams", "inverse_root_eigh", "inverse_root_newton", "graft_denominators_",
            "sharding_problem", "looks_flattened", "GRAFTINGS"]
@@ -508,12 +508,11 @@ def shampoo_health(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> d
     factors = state.get("factors")
     if factors is not None:
         last = state["last_refresh"]
-        out.update(steps_since_refresh=float(t - last if last else t), fallbacks=float(state["fallbacks"]),
+        out.update(steps_since_refresh=float(t - last), fallbacks=float(state["fallbacks"]),
                    roots_kept=float(state["roots_kept"]))
-        sides = ["L", "R"] if len(factors) == 2 else [f"F{i}" for i in range(len(factors))]
-        for side, f, r in zip(sides, factors, state["roots"]):
-            if f is not None:
-                out.update(_factor_stats(side, f.double(), r, eps))
+        for side, f, r in zip(side_names(len(factors)), factors, state["roots"]):
+            if f is not None:  # the basis in use: the eigenbasis of the current root
+                out.update(factor_health(side, f, torch.linalg.eigh(r.double())[1] if r is not None else None, eps))
     if _preconditioned(group, state):
         shape = _merged(p, group)
         roots = [r.double() if r is not None else None for r in state["roots"]]
@@ -529,20 +528,4 @@ def shampoo_health(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> d
         per_coord = lr / denom.double() if denom is not None else torch.full((1,), lr, dtype=torch.float64)
         out.update(quantile_stats("eff_lr", per_coord))
         out.update(update_stats(p, lr * graft))
-    return out
-
-
-def _factor_stats(side: str, f: Tensor, root: Optional[Tensor], eps: float) -> dict[str, float]:
-    lam = torch.linalg.eigvalsh(f) if bool(torch.isfinite(f).all()) else None
-    out: dict[str, float] = {}
-    if lam is not None:
-        lo, hi = float(lam[0]), float(lam[-1])
-        out[f"cond_{side}"] = (max(hi, 0.0) + eps) / (max(lo, 0.0) + eps)
-        out[f"min_eig_over_eps_{side}"] = lo / eps
-    if root is not None and lam is not None:
-        q = torch.linalg.eigh(root.double())[1]
-        rotated = q.T @ f @ q
-        off = torch.linalg.matrix_norm(rotated - torch.diag_embed(rotated.diagonal()))
-        norm = float(torch.linalg.matrix_norm(f))
-        out[f"staleness_{side}"] = float(off) / norm if norm > 0 else 0.0
     return out

@@ -28,6 +28,7 @@ from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice
 from .health import HealthMixin, quantile_stats, update_stats
 from .kronecker import (
     eigenbasis,
+    factor_health,
     factor_mask,
     gram,
     merged_shape,
@@ -35,6 +36,7 @@ from .kronecker import (
     power_qr_refresh_batched,
     project,
     project_matrices,
+    side_names,
     update_factors_,
 )
 
@@ -425,9 +427,9 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------- health
     def _param_health(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
-        """Per factor (``L``/``R`` for matrices, ``F0``, ``F1``, ... otherwise): ``_cond`` and
-        ``_eig_min_over_eps`` from the eigenvalue estimates diag(Qᵀ F Q) (exact right after a
-        refresh), ``_staleness`` = ‖offdiag(Qᵀ F Q)‖_F / ‖offdiag(F)‖_F; ``steps_since_refresh``,
+        """Per factor (``L``/``R`` for matrices, ``F0``, ``F1``, ... otherwise) the keys Shampoo
+        reports too (:func:`.kronecker.factor_health`): ``cond_X``, ``min_eig_over_eps_X`` and
+        ``staleness_X`` = ‖offdiag(Qᵀ F Q)‖_F / ‖F‖_F of the basis in use; ``steps_since_refresh``,
         ``fallbacks``, ``nonfinite_skips``; and Adam's statistics in the rotated basis: ``eff_lr_*``
         = η·√(1−β2ᵗ)/(1−β1ᵗ)/(√V + ε), ``eps_frac``, ``update_rms``, ``update_to_weight``."""
         out: dict[str, float] = {
@@ -439,10 +441,9 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         t, shape, eps = state["step"], self._work_shape(p, group), group["eps"]
         if any(f is not None for f in state["factors"]):
             out["steps_since_refresh"] = float(t - state["last_refresh"])
-        names = ["L", "R"] if len(shape) == 2 else [f"F{i}" for i in range(len(shape))]
-        for name, f, q in zip(names, state["factors"], state["bases"]):
+        for side, f, q in zip(side_names(len(shape)), state["factors"], state["bases"]):
             if f is not None:
-                out.update(_factor_health(name, f, q, eps))
+                out.update(factor_health(side, f, q, eps))
         if t < 1:
             return out
         beta1, beta2 = group["betas"]
@@ -459,21 +460,6 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
             n = n / (n.pow(2).mean().sqrt() + 1e-30)
         out.update(update_stats(p, scale * n))
         return out
-
-
-def _factor_health(name: str, factor: Tensor, basis: Tensor, eps: float) -> dict[str, float]:
-    f = factor.double()
-    q = basis.double()
-    a = q.T @ f @ q
-    d = a.diagonal()
-    off_a = (a.pow(2).sum() - d.pow(2).sum()).clamp_min(0).sqrt().item()
-    off_f = (f.pow(2).sum() - f.diagonal().pow(2).sum()).clamp_min(0).sqrt().item()
-    lo, hi = d.abs().min().item(), d.abs().max().item()
-    return {
-        f"{name}_cond": hi / lo if lo > 0 else (0.0 if hi == 0 else float("inf")),
-        f"{name}_eig_min_over_eps": d.min().item() / eps,
-        f"{name}_staleness": off_a / off_f if off_f > 0 else 0.0,
-    }
 
 
 def _mul_along(x: Tensor, a: Tensor, dim: int) -> Tensor:
