@@ -415,8 +415,8 @@ def iter_leaf_optimizers(obj: Any) -> Iterator[torch.optim.Optimizer]:
         if isinstance(o, (list, tuple)):
             stack[:0] = list(o)
             continue
-        inner = getattr(o, "optimizer", None)
-        if inner is not None and inner is not o and not isinstance(o, torch.optim.Optimizer):
+        inner = getattr(o, "optimizer", None)  # Lightning's wrapper (itself a subclass of the wrapped class)
+        if inner is not None and inner is not o:
             stack.insert(0, inner)
             continue
         children = getattr(o, "children", None)

@@ -23,8 +23,9 @@ SPECS = {name: dict(name=name, lr=3e-3, weight_decay=0.1) for name in available_
 SPECS["sgd"] = dict(name="sgd", lr=0.1, betas=(0.9, 0.0))
 SPECS["adam_mini"] = dict(name="adam_mini", lr=3e-3, hparams={"n_heads": 2})
 SPECS["sophia"] = dict(name="sophia", lr=1e-3)  # Hessian estimates at steps 0, 10, ...: not at the skipped step
-if "muon" in SPECS:  # Muon takes hidden matrices only; the rest goes to AdamW
-    SPECS["muon"] = dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"])])
+for _name in list(SPECS):  # matrix-only methods (Muon) take hidden matrices; the rest goes to AdamW
+    if get_optimizer_class(_name).traits.matrix_only:
+        SPECS[_name] = dict(name=_name, lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"])])
 SPECS["sgd+adalayer"] = dict(name="sgd", lr=0.1, betas=(0.98, 0.0),
                              mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3)])
 
