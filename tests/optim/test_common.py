@@ -372,3 +372,12 @@ def _same(a, b):
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_every_registered_optimizer_has_a_docs_entry():
+    """Adding an optimizer adds its section to docs/optimizers.md (CONVENTIONS.md item 4)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
+    missing = [n for n in available_optimizers() if f"\n## `{n}`" not in text]
+    assert not missing, f"no '## `name`' section in docs/optimizers.md for {missing}"
