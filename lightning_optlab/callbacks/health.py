@@ -48,6 +48,13 @@ _TORCH_READABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.o
 _MAX_PANELS = 48
 
 
+def module_roles(pl_module: Any) -> dict[str, str]:
+    """Parameter roles of ``pl_module`` as the configurator decided them: the optimizer spec's
+    ``role_patterns`` (when the module has a ``spec``, as ``CausalLMModule`` does) over the defaults."""
+    spec = getattr(pl_module, "spec", None)
+    return dict(classify_parameters(pl_module, getattr(spec, "role_patterns", None) or None))
+
+
 def unwrap_optimizer(opt: Any) -> Any:
     """The torch optimizer behind Lightning's ``LightningOptimizer`` wrapper (or ``opt``)."""
     while isinstance(opt, LightningOptimizer):
@@ -308,7 +315,7 @@ class PreconditionerHealth(Callback):
                 name = names.get(id(p), key)
                 role = group.get("role")
                 if role is None:
-                    fallback_roles = fallback_roles if fallback_roles is not None else classify_parameters(pl_module)
+                    fallback_roles = fallback_roles if fallback_roles is not None else module_roles(pl_module)
                     role = fallback_roles.get(name, "other")
                 roles[name] = role
             for full_key, value in stats.items():
