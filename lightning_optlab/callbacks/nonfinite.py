@@ -140,6 +140,13 @@ class NonFiniteGuard(Callback):
         dirpath: directory for ``stop``'s checkpoint (default: the ``ModelCheckpoint``'s
             directory, else ``<log_dir or default_root_dir>/checkpoints``).
 
+    Optimizers that skip a non-finite gradient themselves (the pack's ``nonfinite="skip"`` policy,
+    SOAP's, Shampoo's and Muon's default) report each skip (``optimizer.pop_nonfinite_skips()``);
+    the guard reads that after every optimizer step, checked or not (no device read), and acts on
+    it by ``action``: ``raise`` raises naming the parameters, ``skip`` records it (the optimizer has
+    already left those parameters alone), ``stop`` saves and stops. Sophia's estimate from
+    non-finite logits is reported the same way.
+
     Under fp16 mixed precision the GradScaler already skips steps with non-finite gradients
     (expected while it calibrates its scale), so gradient checks are left to it; parameters and
     state are still checked. Under DDP every rank sees the same (all-reduced) gradients; the
