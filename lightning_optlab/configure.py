@@ -8,7 +8,6 @@ overrides on top, and optionally a different algorithm per role (an :class:`Opti
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .optim._validate import check_betas, check_eps, check_lr, check_weight_decay
+from .optim.base import iter_leaf_optimizers, optimizer_traits
 from .optim.mix import OptimizerMix
 from .optim.registry import canonical_name, get_optimizer_class
 from .params import DECAYED_ROLES, classify_parameters, group_parameters, validate_role
@@ -143,9 +143,9 @@ class OptimizerSpec:
                 k: (_betas(v) if k == "betas" else _number(f"overrides[{role!r}][{k!r}]", v)) for k, v in settings.items()
             }
             _check_common(settings.get("lr"), settings.get("betas"), settings.get("eps"), settings.get("weight_decay"))
-        if self.name == "schedule_free_adamw" and self.schedule != "constant":
+        if optimizer_traits(get_optimizer_class(self.name)).replaces_schedule and self.schedule != "constant":
             raise ValueError(
-                f"schedule_free_adamw replaces the LR schedule; got schedule={self.schedule!r}. "
+                f"{self.name} replaces the LR schedule; got schedule={self.schedule!r}. "
                 "Use schedule='constant' (warmup_steps is still applied)"
             )
         self.mix = [p if isinstance(p, MixPart) else MixPart(**p) for p in self.mix]
@@ -219,19 +219,16 @@ def _check_common(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
         check_weight_decay(weight_decay)
 
 
-def _init_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """Constructor parameters of ``cls``, following ``**kwargs`` into the base classes."""
-    params: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass) or klass is object:
-            continue
-        sig = inspect.signature(klass.__init__).parameters
-        for k, v in sig.items():
-            if v.kind is not inspect.Parameter.VAR_KEYWORD:
-                params.setdefault(k, v)
-        if not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in sig.values()):
-            return params
-    return params
+def _init_parameters(cls: type) -> tuple[str, ...]:
+    """The constructor keywords of ``cls`` besides ``params``, as the class declares them
+    (``OptlabOptimizer.constructor_arguments``)."""
+    declared = getattr(cls, "constructor_arguments", None)
+    if declared is None:
+        raise TypeError(
+            f"optimizer class {cls.__name__} does not declare its hyperparameters: derive it from "
+            "lightning_optlab.optim.OptlabOptimizer with an HParams dataclass (see docs/optimizers.md, 'Adding an optimizer')"
+        )
+    return tuple(declared())
 
 
 def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -252,7 +249,7 @@ def _constructor_kwargs(cls: type, name: str, lr: float, betas: Any, eps: Any, h
     kwargs.update(hparams)
     unknown = [k for k in kwargs if k not in params]
     if unknown:
-        allowed = [k for k in params if k not in ("self", "params")]
+        allowed = list(params)
         raise ValueError(f"optimizer {name!r} got unknown arguments {unknown}; it accepts: {', '.join(allowed)}")
     return kwargs
 
@@ -350,7 +347,7 @@ def _mup_groups(cls: type, name: str, groups: list[dict[str, Any]], kwargs: Mapp
     """μP's rewrite of ``groups`` (lr, weight decay, ε by role and width multiplier) for optimizer ``name``."""
     from .mup.rules import apply_mup_to_groups  # the mup package only when μP is asked for
 
-    defaults = {k: v.default for k, v in _init_parameters(cls).items() if v.default is not inspect.Parameter.empty}
+    defaults = dict(cls.hparam_defaults())
     defaults.update(kwargs)
     return apply_mup_to_groups(name, groups, defaults, base_lr=base_lr)
 
@@ -408,8 +405,7 @@ def configure(module_or_model: nn.Module, name: str | OptimizerSpec = "adamw", *
 def _attach_mode_switch(module: Any, optimizer: torch.optim.Optimizer) -> None:
     """Schedule-Free optimizers need train/eval switching around validation and checkpoints: when
     ``configure`` is called from a LightningModule attached to a Trainer, add the callback."""
-    children = getattr(optimizer, "children", [optimizer])
-    if not any(any("train_mode" in g for g in c.param_groups) for c in children):
+    if not any(optimizer_traits(leaf).eval_mode for leaf in iter_leaf_optimizers(optimizer)):
         return
     if getattr(module, "_trainer", None) is None:
         return

@@ -13,12 +13,12 @@ sys.meta_path.insert(0, Block())
 import lightning_optlab
 import lightning_optlab.optim, lightning_optlab.params, lightning_optlab.schedules, lightning_optlab.configure
 import lightning_optlab.models, lightning_optlab.data
-from lightning_optlab import configure, available_optimizers
+from lightning_optlab import configure, available_optimizers, get_optimizer_class
 import torch
 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
 mix = [{"optimizer": "adamw", "roles": ["norm", "bias"]}]
 for name in available_optimizers():
-    configure(model, name, lr=1e-3, **({"mix": mix} if name == "muon" else {}))
+    configure(model, name, lr=1e-3, **({"mix": mix} if get_optimizer_class(name).traits.matrix_only else {}))
 print('ok')
 """
 

@@ -36,6 +36,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..optim.base import iter_leaf_optimizers
 from ..optim.health import QUANTILES, named_params, quantile_stats, torch_optimizer_health
 from ..params import classify_parameters
 
@@ -47,6 +48,13 @@ _TORCH_READABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.o
 _MAX_PANELS = 48
 
 
+def module_roles(pl_module: Any) -> dict[str, str]:
+    """Parameter roles of ``pl_module`` as the configurator decided them: the optimizer spec's
+    ``role_patterns`` (when the module has a ``spec``, as ``CausalLMModule`` does) over the defaults."""
+    spec = getattr(pl_module, "spec", None)
+    return dict(classify_parameters(pl_module, getattr(spec, "role_patterns", None) or None))
+
+
 def unwrap_optimizer(opt: Any) -> Any:
     """The torch optimizer behind Lightning's ``LightningOptimizer`` wrapper (or ``opt``)."""
     while isinstance(opt, LightningOptimizer):
@@ -56,10 +64,7 @@ def unwrap_optimizer(opt: Any) -> Any:
 
 def leaf_optimizers(opt: Any) -> list[Any]:
     """``opt`` itself, or the children of a mix (``OptimizerMix``: a ``children`` list), recursively."""
-    children = getattr(opt, "children", None)
-    if isinstance(children, (list, tuple)) and children and all(isinstance(c, torch.optim.Optimizer) for c in children):
-        return [leaf for c in children for leaf in leaf_optimizers(c)]
-    return [opt]
+    return list(iter_leaf_optimizers(opt))
 
 
 def _health_keys(opt: Any) -> dict[str, tuple[Tensor, dict[str, Any], Any]]:
@@ -116,27 +121,21 @@ def aggregate_by_role(per_param: Mapping[str, Mapping[str, float]], roles: Mappi
 
 @torch.no_grad()
 def effective_lr_tensor(opt: Any, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Optional[Tensor]:
-    """Per-coordinate effective learning rate of ``p`` for the diagonal optimizers known here.
+    """Per-coordinate effective learning rate of ``p``, as the optimizer declares it.
 
-    * torch's (and the pack's) Adam/AdamW: ``lr / (sqrt(v / (1 - beta2^t)) + eps)``;
-    * Adafactor, factored or not (its own ``_sqrt_v_hat``; fixed learning rate only): the same;
-    * Adagrad: ``lr_t / (sqrt(s) + eps)``; Sophia: ``lr / max(rho * h + eps, |m|)``; SGD: ``lr``.
-
-    These mirror the optimizers' ``health()`` (a test checks they agree). Anything else (sign and
-    block methods, Schedule-Free, matrix preconditioners whose second moment lives in a rotated
-    basis) gives ``None``.
+    The pack's optimizers answer through ``effective_lr(p, group, state)`` (AdamW, Adagrad, SGD,
+    Adafactor with a fixed learning rate, Sophia, and any registered optimizer that implements
+    it); torch's own Adam/AdamW/Adagrad/SGD are read from their state. These mirror the
+    optimizers' ``health()`` (a test checks they agree). Anything else gives ``None``.
     """
     if not state or "lr" not in group:
         return None
+    declared = getattr(opt, "effective_lr", None)
+    if callable(declared):
+        return declared(p, group, state)
     lr, eps = float(group["lr"]), group.get("eps")
     step = state.get("step", 0)
     t = float(step.item() if isinstance(step, Tensor) else step)
-    if "hessian" in state and "rho" in group:  # Sophia
-        h = state["hessian"].float()
-        h = h.clamp_min(0.0) if group.get("estimator") == "hutchinson" else h
-        return lr / torch.maximum(group["rho"] * h + eps, state["exp_avg"].float().abs())
-    if callable(getattr(opt, "_sqrt_v_hat", None)):  # Adafactor
-        return None if group.get("relative_step") or t == 0 else lr / (opt._sqrt_v_hat(p, group, state) + eps)
     if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and "exp_avg_sq" in state and t > 0:
         return lr / ((state["exp_avg_sq"].float() / (1 - group["betas"][1] ** t)).sqrt() + eps)
     if isinstance(opt, torch.optim.Adagrad) and "sum" in state:
@@ -316,7 +315,7 @@ class PreconditionerHealth(Callback):
                 name = names.get(id(p), key)
                 role = group.get("role")
                 if role is None:
-                    fallback_roles = fallback_roles if fallback_roles is not None else classify_parameters(pl_module)
+                    fallback_roles = fallback_roles if fallback_roles is not None else module_roles(pl_module)
                     role = fallback_roles.get(name, "other")
                 roles[name] = role
             for full_key, value in stats.items():

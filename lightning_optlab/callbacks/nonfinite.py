@@ -140,6 +140,13 @@ class NonFiniteGuard(Callback):
         dirpath: directory for ``stop``'s checkpoint (default: the ``ModelCheckpoint``'s
             directory, else ``<log_dir or default_root_dir>/checkpoints``).
 
+    Optimizers that skip a non-finite gradient themselves (the pack's ``nonfinite="skip"`` policy,
+    SOAP's, Shampoo's and Muon's default) report each skip (``optimizer.pop_nonfinite_skips()``);
+    the guard reads that after every optimizer step, checked or not (no device read), and acts on
+    it by ``action``: ``raise`` raises naming the parameters, ``skip`` records it (the optimizer has
+    already left those parameters alone), ``stop`` saves and stops. Sophia's estimate from
+    non-finite logits is reported the same way.
+
     Under fp16 mixed precision the GradScaler already skips steps with non-finite gradients
     (expected while it calibrates its scale), so gradient checks are left to it; parameters and
     state are still checked. Under DDP every rank sees the same (all-reduced) gradients; the
@@ -330,6 +337,7 @@ class NonFiniteGuard(Callback):
     def _after_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any, args: Any, kwargs: Any
     ) -> None:
+        self._optimizer_skips(trainer, optimizer)
         step, self._pending = self._pending, None
         if step is None:
             return  # not a checked step (or a step taken outside Lightning's loop)
@@ -356,6 +364,22 @@ class NonFiniteGuard(Callback):
             raise NonFiniteError(_message(f"{where} after the update", step, found, len(tensors), hint + self._rate_hint()))
         snap.restore()
         self._after_skip(trainer, step, found, where)
+
+    def _optimizer_skips(self, trainer: "pl.Trainer", optimizer: Any) -> None:
+        """Act on the updates the optimizer itself skipped for non-finite values (its ``nonfinite="skip"``
+        policy, reported by ``pop_nonfinite_skips``): read after every step, checked or not (no device read)."""
+        pop = getattr(optimizer, "pop_nonfinite_skips", None)
+        skipped = pop() if callable(pop) else []
+        if not skipped:
+            return
+        step = trainer.global_step
+        found = [f"{what} (skipped by the optimizer)" for what in skipped]
+        self._record(step, "gradient", found)
+        if self.action == "raise":
+            raise NonFiniteError(_message(
+                "gradient", step, found, len(found),
+                "The optimizer left those parameters as they were (its nonfinite='skip' policy) and stepped the others."))
+        self._after_skip(trainer, step, found, "gradient")
 
     def _tensors_to_check(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"

@@ -9,12 +9,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..optim.base import iter_leaf_optimizers, optimizer_traits
 from ..optim.schedule_free import TRAIN_WEIGHT_KEY, ScheduleFreeAdamW
 
 __all__ = ["ScheduleFreeModeSwitch", "attach_schedule_free_switch", "schedule_free_optimizers"]
 
 
 def _is_schedule_free(opt: Any) -> bool:
+    """Declared (``traits.eval_mode``), or duck-typed for optimizers from outside the pack."""
+    if optimizer_traits(opt).eval_mode:
+        return True
     return (
         callable(getattr(opt, "train", None))
         and callable(getattr(opt, "eval", None))
@@ -26,21 +30,9 @@ def schedule_free_optimizers(optimizers: Any) -> Iterator[Any]:
     """Optimizers with ``train()``/``eval()`` and a ``"train_mode"`` group key, found in ``optimizers``.
 
     Looks through lists, Lightning's ``LightningOptimizer`` (``.optimizer``) and mixes with
-    ``children`` (duck-typed); a mix that switches its children itself is returned as one.
+    ``children`` (the pack's one walker, :func:`~lightning_optlab.optim.base.iter_leaf_optimizers`).
     """
-    stack = [optimizers]
-    while stack:
-        obj = stack.pop(0)
-        if isinstance(obj, (list, tuple)):
-            stack[:0] = list(obj)
-            continue
-        inner = getattr(obj, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not obj:
-            stack.insert(0, inner)
-        elif _is_schedule_free(obj):
-            yield obj
-        elif isinstance(getattr(obj, "children", None), (list, tuple)):
-            stack[:0] = list(obj.children)
+    return (opt for opt in iter_leaf_optimizers(optimizers) if _is_schedule_free(opt))
 
 
 def _in_train_mode(opt: Any) -> bool:

@@ -32,7 +32,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ..params import readout_module_name, classify_parameters
+from ..params import readout_module_name
+from .health import module_roles
 
 __all__ = ["StabilityMonitor", "LossSpikeDetector", "logit_stats"]
 
@@ -176,7 +177,7 @@ class StabilityMonitor(Callback):
                            "logits are logged (the reference models' attention layers have one)")
         self._readout_module = self._find_readout(pl_module) if self.logits else None
         if self.relative_updates:
-            self._roles = dict(classify_parameters(pl_module))
+            self._roles = module_roles(pl_module)
             self._param_ndim = {n: p.ndim for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _find_readout(self, pl_module: "pl.LightningModule") -> nn.Module | None:

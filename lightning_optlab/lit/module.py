@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from ..configure import OptimizerSpec, configure
-from ..optim.sophia import sophia_gnb_estimate
+from ..optim.base import run_training_step_hooks
 
 __all__ = ["CausalLMModule"]
 
@@ -36,8 +36,9 @@ class CausalLMModule(L.LightningModule):
             With an ``nn.Module`` model the base shapes are attached as given (no re-initialization).
 
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
-    (token-weighted, through torchmetrics). Sophia's Gauss-Newton-Bartlett estimator runs from the
-    training step's own logits every ``update_period`` steps (a no-op for every other optimizer).
+    (token-weighted, through torchmetrics). Each optimizer's declared training-step hook runs between
+    the forward pass and the backward (Sophia's curvature estimate from the step's own logits every
+    ``update_period`` steps; a no-op for optimizers that declare none).
     """
 
     def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
@@ -134,7 +135,7 @@ class CausalLMModule(L.LightningModule):
         # The sampled labels come from a generator seeded by the step, so a resumed run draws
         # exactly what the uninterrupted run drew (the global RNG is not checkpointed).
         gen = torch.Generator(device=logits.device).manual_seed(self.sophia_seed + self.global_step)
-        sophia_gnb_estimate(self.optimizers(), logits, generator=gen)
+        run_training_step_hooks(self.optimizers(), logits=logits, loss=loss, generator=gen)
         self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))

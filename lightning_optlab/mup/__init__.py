@@ -17,7 +17,7 @@ Modules: :mod:`.shapes` (base shapes from a config), :mod:`.rules` (per-family r
 from __future__ import annotations
 
 from .lr_find import LRFindResult, group_lr_ratios, lr_range_test
-from .rules import FAMILIES, apply_mup_to_groups, mup_family, mup_multipliers
+from .rules import RULES, apply_mup_to_groups, mup_family, mup_multipliers
 from .shapes import (
     base_config,
     base_shapes_state,
@@ -33,7 +33,7 @@ from .shapes import (
 from .transfer import NOT_TRANSFERRED, transfer
 
 __all__ = [
-    "FAMILIES",
+    "RULES",
     "NOT_TRANSFERRED",
     "LRFindResult",
     "apply_mup_to_groups",

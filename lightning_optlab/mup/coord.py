@@ -3,8 +3,9 @@
 Train a few steps at several widths on one fixed batch and record, before each step, the average
 entry size of every block's output, attention and MLP branches, the embedding output and the
 logits. Under μP the curves are flat in width; under standard parametrization (SP) they grow
-with width (for Adam-like updates, about linearly). Recording uses the `mup` package's hook
-(``mup.coord_check._record_coords``); its plotting needs seaborn, so the plot here is matplotlib.
+with width (for Adam-like updates, about linearly). Records have the layout of the `mup`
+package's coord check (width, module, t and the statistics), written by a forward hook of ours
+(mup's own hook is private); its plotting needs seaborn, so the plot here is matplotlib.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from mup.coord_check import _record_coords
 from torch import nn
 
 from .experiment import fixed_batches, width_model
@@ -23,6 +23,21 @@ __all__ = ["coord_check", "coord_ratios", "plot_coord_check", "COORD_STATS"]
 #: statistics recorded per module output: mean |x| (mup's "l1") and the RMS
 COORD_STATS: dict[str, Any] = {"l1": lambda x: x.abs().mean(), "rms": lambda x: x.float().pow(2).mean().sqrt()}
 _MODULES = re.compile(r"^(wte|blocks\.\d+|blocks\.\d+\.(attn|mlp))$")
+
+
+def _coord_hook(records: list[dict[str, Any]], width: int, name: str, t: int) -> Any:
+    """A forward hook appending ``{"width", "module", "t", **COORD_STATS of the output}`` to ``records``
+    (tuple/list outputs: one record per tensor, ``module`` suffixed ``:out[i]``, as mup's coord check names them)."""
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        outs = [(name, output)] if isinstance(output, torch.Tensor) else [
+            (f"{name}:out[{i}]", o) for i, o in enumerate(output) if isinstance(o, torch.Tensor)]
+        with torch.no_grad():
+            for label, out in outs:
+                records.append({"width": width, "module": label, "t": t,
+                                **{stat: float(f(out)) for stat, f in COORD_STATS.items()}})
+
+    return hook
 
 
 def _watched(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -55,7 +70,7 @@ def coord_check(
         opt = build_optimizer(net, spec)
         for t in range(steps + 1):
             mine: list[dict[str, Any]] = []
-            handles = [m.register_forward_hook(_record_coords(mine, width, name, t, output_fdict=COORD_STATS))
+            handles = [m.register_forward_hook(_coord_hook(mine, width, name, t))
                        for name, m in _watched(net)]
             logits = net(batch[:, :-1])
             for h in handles:

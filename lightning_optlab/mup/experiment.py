@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import TransformerLM, build_model, resolve_config
+from ..optim.base import iter_leaf_optimizers, optimizer_traits, run_training_step_hooks
 from .shapes import build_mup_model
 
 __all__ = ["corpus_tokens", "fixed_batches", "width_model", "train_run"]
@@ -60,7 +61,10 @@ def train_run(
     """Train ``steps`` steps on ``batches`` (cycled); return the training losses. Stops early on a non-finite loss.
 
     ``make_optimizer(model)`` returns an optimizer, or what ``configure`` returns (optimizer and LR
-    scheduler, stepped after every optimizer step).
+    scheduler, stepped after every optimizer step). Each optimizer's training-step hook runs between
+    the forward pass and the backward, as in the LightningModule (Sophia's curvature estimate, its
+    labels drawn from a generator seeded by the step); at the end, optimizers with an evaluation
+    mode (Schedule-Free) are switched to it, so the model holds the weights to evaluate.
     """
     made = make_optimizer(model)
     opt, sched = (made["optimizer"], made["lr_scheduler"]["scheduler"]) if isinstance(made, dict) else (made, None)
@@ -75,6 +79,8 @@ def train_run(
         losses.append(float(loss.detach()))
         if not torch.isfinite(loss):
             break
+        gen = torch.Generator(device=logits.device).manual_seed(step)
+        run_training_step_hooks(opt, logits=logits, loss=loss, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -82,6 +88,9 @@ def train_run(
             sched.step()
         if on_step is not None:
             on_step(step, losses[-1])
+    for leaf in iter_leaf_optimizers(opt):
+        if optimizer_traits(leaf).eval_mode:
+            leaf.eval()
     return losses
 
 

@@ -41,61 +41,84 @@ muon                  spectral scaling (Yang, Simon & Bernstein 2023; Large et a
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mup.infshape import InfShape
 
 from ..optim.muon import SCALES, muon_scale
+from ..optim.registry import get_optimizer_class
 from .shapes import require_base_shapes
 
-__all__ = ["FAMILIES", "mup_family", "mup_multipliers", "apply_mup_to_groups"]
-
-#: canonical optimizer name -> rule family
-FAMILIES: dict[str, str] = {
-    "adamw": "adam",
-    "adafactor": "adam",
-    "adam_mini": "adam",
-    "adalayer": "adam",
-    "adagrad": "adam",
-    "schedule_free_adamw": "adam",
-    "lion": "sign",
-    "signum": "sign",
-    "sophia": "sophia",
-    "soap": "soap",
-    "shampoo": "shampoo",
-    "sgd": "sgd",
-    "muon": "muon",
-}
-# ε added to sqrt(second moment) (so it scales like the gradient): these take ε/m_in.
-_EPS_LIKE_GRAD = frozenset({"adamw", "adafactor", "adam_mini", "adalayer", "adagrad", "schedule_free_adamw", "soap"})
-# Shampoo's graft (Adam, AdaGrad, RMSprop) adds its own ε to a square root of second moments.
-_GRAFT_EPS_LIKE_GRAD = frozenset({"shampoo"})
+__all__ = ["RULES", "mup_family", "mup_multipliers", "apply_mup_to_groups"]
 
 
 def mup_family(name: str, hparams: Mapping[str, Any]) -> str:
-    """The rule family of optimizer ``name`` with constructor settings ``hparams``; raises if none."""
-    family = FAMILIES.get(name)
-    if family is None:
+    """The rule family optimizer ``name`` declares (its class's ``mup_family_for(hparams)``); raises if none."""
+    cls = get_optimizer_class(name)
+    family_for = getattr(cls, "mup_family_for", None)
+    if family_for is None:
         raise ValueError(
-            f"optimizer {name!r} has no μP rule; optimizers with one: {', '.join(sorted(FAMILIES))}. "
-            "Turn mup off for it, or route its roles to one of these with a mix part"
+            f"optimizer {name!r} declares no μP rule (it does not derive from lightning_optlab.optim.OptlabOptimizer); "
+            "turn mup off for it, or route its roles to another optimizer with a mix part"
         )
-    if name == "adafactor" and hparams.get("relative_step", False):
-        raise ValueError(
-            "adafactor with relative_step=True has no μP rule: its step is scaled by RMS(W), which μP's "
-            "fan-in init makes width-dependent; use relative_step=False (the Adam rule then applies)"
-        )
-    if family == "shampoo":
-        grafting = hparams.get("grafting", "adam")
-        if grafting in ("adam", "adagrad", "rmsprop"):
-            return "adam"
-        if grafting == "sgd":
-            return "sgd"
-        raise ValueError(
-            f"shampoo with grafting={grafting!r} has no μP rule (its update size depends on the gradient scale); "
-            "use grafting='adam' (the Adam rule then applies) or another optimizer"
-        )
+    family = family_for(hparams)
+    if family not in RULES:
+        raise ValueError(f"optimizer {name!r} declares the μP family {family!r}; known families: {', '.join(sorted(RULES))}")
     return family
+
+
+def _unchanged() -> dict[str, float]:
+    return {"lr": 1.0, "weight_decay": 1.0, "eps": 1.0}
+
+
+def _adam_rule(name: str, shape: InfShape, hparams: Mapping[str, Any], role: str) -> dict[str, float]:
+    """Adam-like entrywise-bounded updates: matrix-like η/m_in, λ·m_in, ε/m_in; vector-like unchanged."""
+    if shape.ninf() < 2:
+        return _unchanged()
+    m_in = shape[1].width_mult()
+    return {"lr": 1.0 / m_in, "weight_decay": m_in, "eps": 1.0 / m_in}
+
+
+def _eigen_adam_rule(name: str, shape: InfShape, hparams: Mapping[str, Any], role: str) -> dict[str, float]:
+    """SOAP: the Adam rule, except the readout: η·sqrt(m), λ/sqrt(m) (see the module table)."""
+    if role == "readout" and shape.ninf() == 1:
+        k = math.sqrt(shape.width_mult())
+        return {"lr": k, "weight_decay": 1.0 / k, "eps": 1.0}
+    return _adam_rule(name, shape, hparams, role)
+
+
+def _sgd_rule(name: str, shape: InfShape, hparams: Mapping[str, Any], role: str) -> dict[str, float]:
+    """mup's MuSGD: matrix η·m_out/m_in, λ·m_in/m_out; vector η·m, λ/m."""
+    if shape.ninf() < 2:
+        m = shape.width_mult()
+        return {"lr": m, "weight_decay": 1.0 / m, "eps": 1.0}
+    ratio = shape.fanin_fanout_mult_ratio()
+    return {"lr": 1.0 / ratio, "weight_decay": ratio, "eps": 1.0}
+
+
+def _spectral_rule(name: str, shape: InfShape, hparams: Mapping[str, Any], role: str) -> dict[str, float]:
+    """Muon: η·sqrt(m_out/m_in)·s(base shape)/s(shape), λ divided by the same factor."""
+    if shape.ninf() < 2 or len(shape) != 2:
+        raise ValueError(
+            f"Muon's μP rule covers hidden matrices only, but {name} (role {role or '?'}) has "
+            f"{shape.ninf()} width dimension(s); route embeddings, readout, norms and biases to AdamW with a mix part"
+        )
+    fan_in, fan_out = shape[1], shape[0]
+    adjust = hparams.get("adjust_lr_fn") or SCALES[hparams.get("scale", "rms_match")]
+    s_ratio = muon_scale(adjust, fan_out.base_dim, fan_in.base_dim) / muon_scale(adjust, fan_out.dim, fan_in.dim)
+    lr = math.sqrt(fan_out.width_mult() / fan_in.width_mult()) * s_ratio
+    return {"lr": lr, "weight_decay": 1.0 / lr, "eps": 1.0}
+
+
+#: μP rule family -> rule(parameter name, InfShape, hparams, role) -> {"lr", "weight_decay", "eps"} multipliers
+RULES: dict[str, Callable[[str, InfShape, Mapping[str, Any], str], dict[str, float]]] = {
+    "adam": _adam_rule,
+    "sign": _adam_rule,
+    "sophia": _adam_rule,
+    "soap": _eigen_adam_rule,
+    "sgd": _sgd_rule,
+    "muon": _spectral_rule,
+}
 
 
 def mup_multipliers(family: str, name: str, shape: InfShape, hparams: Mapping[str, Any], role: str = "") -> dict[str, float]:
@@ -103,32 +126,10 @@ def mup_multipliers(family: str, name: str, shape: InfShape, hparams: Mapping[st
     ninf = shape.ninf()
     if ninf > 2:
         raise ValueError(f"μP rules cover tensors with at most two width dimensions; {name} has {ninf}")
-    if family in ("adam", "sign", "sophia", "soap"):
-        if ninf < 2:
-            if family == "soap" and role == "readout" and ninf == 1:
-                k = math.sqrt(shape.width_mult())
-                return {"lr": k, "weight_decay": 1.0 / k, "eps": 1.0}
-            return {"lr": 1.0, "weight_decay": 1.0, "eps": 1.0}
-        m_in = shape[1].width_mult()
-        return {"lr": 1.0 / m_in, "weight_decay": m_in, "eps": 1.0 / m_in}
-    if family == "sgd":
-        if ninf < 2:
-            m = shape.width_mult()
-            return {"lr": m, "weight_decay": 1.0 / m, "eps": 1.0}
-        ratio = shape.fanin_fanout_mult_ratio()
-        return {"lr": 1.0 / ratio, "weight_decay": ratio, "eps": 1.0}
-    if family == "muon":
-        if ninf < 2 or len(shape) != 2:
-            raise ValueError(
-                f"Muon's μP rule covers hidden matrices only, but {name} (role {role or '?'}) has "
-                f"{ninf} width dimension(s); route embeddings, readout, norms and biases to AdamW with a mix part"
-            )
-        fan_in, fan_out = shape[1], shape[0]
-        adjust = hparams.get("adjust_lr_fn") or SCALES[hparams.get("scale", "rms_match")]
-        s_ratio = muon_scale(adjust, fan_out.base_dim, fan_in.base_dim) / muon_scale(adjust, fan_out.dim, fan_in.dim)
-        lr = math.sqrt(fan_out.width_mult() / fan_in.width_mult()) * s_ratio
-        return {"lr": lr, "weight_decay": 1.0 / lr, "eps": 1.0}
-    raise ValueError(f"unknown μP rule family {family!r}")
+    rule = RULES.get(family)
+    if rule is None:
+        raise ValueError(f"unknown μP rule family {family!r}; known: {', '.join(sorted(RULES))}")
+    return rule(name, shape, hparams, role)
 
 
 def apply_mup_to_groups(
@@ -138,7 +139,8 @@ def apply_mup_to_groups(
     """Rewrite param groups for μP: split each group by multiplier and scale lr, weight decay, ε.
 
     Args:
-        name: canonical optimizer name (its family decides the rule).
+        name: canonical optimizer name (the family its class declares decides the rule; the group
+            keys its traits list in ``mup_eps_keys`` are scaled like ε).
         groups: ``group_parameters``-style groups (``params``, ``param_names``, ``role``, ...).
         defaults: the optimizer's effective constructor settings (``lr``, ``eps``, ``grafting``...)
             for the keys a group does not set.
@@ -149,6 +151,8 @@ def apply_mup_to_groups(
     together; parameters whose multipliers are equal stay in one group.
     """
     family = mup_family(name, defaults)
+    traits = getattr(get_optimizer_class(name), "traits", None)
+    eps_keys = traits.mup_eps_keys if traits is not None else ()
     out: list[dict[str, Any]] = []
     for group in groups:
         params = list(group["params"])
@@ -165,12 +169,10 @@ def apply_mup_to_groups(
             lr = group.get("lr", defaults["lr"])
             new["lr"] = lr * lr_m
             new["weight_decay"] = group.get("weight_decay", defaults.get("weight_decay", 0.0)) * wd_m
-            eps = group.get("eps", defaults.get("eps"))
-            if name in _EPS_LIKE_GRAD and isinstance(eps, (int, float)) and eps_m != 1.0:
-                new["eps"] = eps * eps_m
-            graft_eps = group.get("graft_eps", defaults.get("graft_eps"))
-            if name in _GRAFT_EPS_LIKE_GRAD and isinstance(graft_eps, (int, float)) and eps_m != 1.0:
-                new["graft_eps"] = graft_eps * eps_m
+            for key in eps_keys:  # the keys the optimizer declares to scale like the gradient
+                eps = group.get(key, defaults.get(key))
+                if isinstance(eps, (int, float)) and eps_m != 1.0:
+                    new[key] = eps * eps_m
             new["mup_lr_mult"] = lr_m
             new["mup_lr_ratio"] = new["lr"] / base_lr if base_lr else lr_m
             out.append(new)

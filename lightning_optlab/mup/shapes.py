@@ -200,8 +200,7 @@ def set_base_shapes(model: nn.Module, base: Any, delta: nn.Module | None = None)
     """
     target = _unwrap(model)
     if isinstance(base, nn.Module):
-        shapes = mup.make_base_shapes(base, delta) if delta is not None else base
-        base_infshapes = mup.shape._extract_shapes(shapes)
+        base_infshapes = mup.make_base_shapes(base, delta) if delta is not None else mup.shape.get_shapes(base)
     elif isinstance(base, Mapping) and base and all(isinstance(v, (list, tuple, InfShape)) for v in base.values()):
         base_infshapes = {k: v if isinstance(v, InfShape) else InfShape.from_base_shape(list(v)) for k, v in base.items()}
     elif isinstance(target, TransformerLM):

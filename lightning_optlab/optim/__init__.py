@@ -3,11 +3,12 @@
 from .adafactor import Adafactor
 from .adalayer import Adalayer
 from .adam_mini import AdamMini
+from .base import HParams, NonFiniteGradientError, OptlabOptimizer, Traits
 from .builtin import SGD, Adagrad, AdamW
 from .health import HealthMixin, torch_optimizer_health
 from .mix import OptimizerMix
 from .muon import Muon
-from .registry import available_optimizers, canonical_name, get_optimizer_class
+from .registry import available_optimizers, canonical_name, get_optimizer_class, register_optimizer, unregister_optimizer
 from .schedule_free import ScheduleFreeAdamW
 from .shampoo import Shampoo
 from .sign import Lion, Signum
@@ -33,6 +34,12 @@ __all__ = [
     "OptimizerMix",
     "HealthMixin",
     "torch_optimizer_health",
+    "OptlabOptimizer",
+    "HParams",
+    "Traits",
+    "NonFiniteGradientError",
+    "register_optimizer",
+    "unregister_optimizer",
     "available_optimizers",
     "canonical_name",
     "get_optimizer_class",

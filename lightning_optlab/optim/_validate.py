@@ -10,7 +10,7 @@ import torch
 
 __all__ = [
     "check_lr", "check_betas", "check_beta", "check_eps", "check_weight_decay", "check_positive_int", "check_range",
-    "check_group", "CheckedGroups", "rollback_group",
+    "rollback_group",
 ]
 
 
@@ -83,26 +83,6 @@ def check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = 
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
 
 
-#: group keys checked by :func:`check_group` when present: key -> check
-_GROUP_CHECKS = {
-    "lr": check_lr,
-    "eps": check_eps,
-    "weight_decay": check_weight_decay,
-    "momentum": lambda v: check_range("momentum", v, 0.0, 1.0, hi_open=True),
-}
-
-
-def check_group(group: dict[str, Any]) -> None:
-    """The common hyperparameters of one param group (``lr``, ``betas``, ``eps``, ``weight_decay``,
-    ``momentum``), where present: per-group values get the constructor's checks."""
-    for key, check in _GROUP_CHECKS.items():
-        if group.get(key) is not None:
-            check(group[key])
-    betas = group.get("betas")
-    if betas is not None:
-        check_betas(betas, n=len(betas) if isinstance(betas, (tuple, list)) else 2)
-
-
 @contextmanager
 def rollback_group(optimizer: Any) -> Iterator[None]:
     """Undo an ``add_param_group`` whose checks fail: groups added inside the block are removed
@@ -113,18 +93,3 @@ def rollback_group(optimizer: Any) -> Iterator[None]:
     except Exception:
         del optimizer.param_groups[n:]
         raise
-
-
-class CheckedGroups:
-    """Mixin for ``torch.optim.Optimizer`` subclasses: every param group, those given to the
-    constructor as dicts and those added later, passes :func:`check_group`; a bad one is not
-    added, and the error names the group."""
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        with rollback_group(self):
-            super().add_param_group(param_group)  # type: ignore[misc]
-            groups = self.param_groups  # type: ignore[attr-defined]
-            try:
-                check_group(groups[-1])
-            except ValueError as err:
-                raise ValueError(f"param group {len(groups) - 1}: {err}") from None

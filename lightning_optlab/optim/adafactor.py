@@ -8,15 +8,17 @@ keep Adam's full second moment.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_range, check_weight_decay
+from ._validate import check_betas, check_eps, check_lr, check_range, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits, check_bool
 from .health import HealthMixin, diagonal_stats
 
-__all__ = ["Adafactor", "factored_second_moment_", "factored_denominators", "relative_step_size"]
+__all__ = ["Adafactor", "AdafactorHParams", "factored_second_moment_", "factored_denominators", "relative_step_size"]
 
 # Adafactor's ε2 in its relative step size: the floor of the parameter scale RMS(W).
 _PARAM_SCALE_FLOOR = 1e-3
@@ -182,7 +184,35 @@ def adafactor_update_(
     torch._foreach_add_(params, updates, alpha=-lr if isinstance(lr, float) else -1.0)
 
 
-class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
+@dataclass(kw_only=True)
+class AdafactorHParams(HParams):
+    #: learning rate η (≥ 0); with relative_step, the cap of the relative step size
+    lr: float = 1e-3
+    #: (β1, β2), each in [0, 1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: ε2, added to sqrt(V̂) (> 0)
+    eps: float = 1e-8
+    #: ε1, added to g⊙g inside the factorization (> 0)
+    eps_factored: float = 1e-30
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.0
+    #: update clipping threshold d (> 0), None: off
+    clip_threshold: Optional[float] = None
+    #: Adafactor's relative step size
+    relative_step: bool = False
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_eps(self.eps)
+        check_eps(self.eps_factored, name="eps_factored")
+        check_weight_decay(self.weight_decay)
+        if self.clip_threshold is not None:
+            check_range("clip_threshold", self.clip_threshold, 0.0, math.inf, lo_open=True)
+        check_bool("relative_step", self.relative_step)
+
+
+class Adafactor(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """Adam with Adafactor's factored second moment for matrices and a full first moment.
 
     r ← β2·r + (1−β2)·mean_j(g⊙g + ε1);  c ← β2·c + (1−β2)·mean_i(g⊙g + ε1);  V̂ = r cᵀ / mean(r);
@@ -213,6 +243,9 @@ class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     the momentum variant as in Zhao et al. 2025, "Deconstructing What Makes a Good Optimizer".
     """
 
+    hparams_class = AdafactorHParams
+    traits = Traits(mup_family="adam", mup_eps_keys=("eps",), whole_tensors=True)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -223,17 +256,12 @@ class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         weight_decay: float = 0.0,
         clip_threshold: Optional[float] = None,
         relative_step: bool = False,
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_eps(eps)
-        check_eps(eps_factored, name="eps_factored")
-        check_weight_decay(weight_decay)
-        if clip_threshold is not None:
-            check_range("clip_threshold", clip_threshold, 0.0, math.inf, lo_open=True)
-        if not isinstance(relative_step, bool):
-            raise ValueError(f"relative_step must be True or False, got {relative_step!r}")
+        AdafactorHParams(lr=lr, betas=betas, eps=eps, eps_factored=eps_factored, weight_decay=weight_decay,
+                         clip_threshold=clip_threshold, relative_step=relative_step, nonfinite=nonfinite)
         defaults = dict(
+            nonfinite=nonfinite,
             lr=lr,
             betas=tuple(betas),
             eps=eps,
@@ -253,16 +281,24 @@ class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    @classmethod
+    def mup_family_for(cls, hparams: Mapping[str, Any]) -> str:
+        if hparams.get("relative_step", False):
+            raise ValueError(
+                "adafactor with relative_step=True has no μP rule: its step is scaled by RMS(W), which μP's "
+                "fan-in init makes width-dependent; use relative_step=False (the Adam rule then applies)"
+            )
+        return super().mup_family_for(hparams)
+
+    def _update(self) -> None:
         for group in self.param_groups:
             self._step_group(group)
-        return loss
+
+    def effective_lr(self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Optional[Tensor]:
+        """lr / (sqrt(V̂) + ε2) per coordinate (fixed learning rate only: None with relative_step)."""
+        if group["relative_step"] or not state or state["step"] == 0:
+            return None
+        return float(group["lr"]) / (self._sqrt_v_hat(p, group, state) + group["eps"])
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list], list[list]]:
         """Per-parameter lists (param, grad, M, step, r, c) for ≥ 2-D and (…, v) for < 2-D tensors."""
@@ -272,8 +308,6 @@ class Adafactor(CheckedGroups, HealthMixin, torch.optim.Optimizer):
             grad = p.grad
             if grad is None or p.numel() == 0:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError("Adafactor does not support sparse gradients")
             state = self.state[p]
             if not state:
                 self._init_state(p, state)

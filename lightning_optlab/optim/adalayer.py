@@ -12,16 +12,20 @@ matrix with one block per row. One block per tensor is ``((1, numel),)``, one pe
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_weight_decay, rollback_group
+from .base import HParams, OptlabOptimizer, Traits, check_choice
 from .health import HealthMixin, diagonal_stats, quantile_stats
 
 __all__ = [
     "Adalayer",
+    "AdalayerHParams",
+    "BlockAdamHParams",
     "BlockAdamBase",
     "Layout",
     "block_adam_",
@@ -160,7 +164,42 @@ def _scalars(values: list[float]) -> float | list[float]:
     return first if all(v == first for v in values) else values
 
 
-class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
+@dataclass(kw_only=True)
+class BlockAdamHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 1e-3
+    #: (β1, β2) for the first and block second moments, each in [0, 1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: ε added to sqrt(v̂_b) (> 0)
+    eps: float = 1e-8
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_eps(self.eps)
+        check_weight_decay(self.weight_decay)
+
+
+@dataclass(kw_only=True)
+class AdalayerHParams(BlockAdamHParams):
+    #: block mode "tensor", "row" or "coordinate"; None: from the group's role
+    block: Optional[str] = None
+    #: keep the group adaptive (True), freeze it (False), or decide from the role (None)
+    adaptive: Optional[bool] = None
+    #: freeze the non-adaptive denominators after this many steps (integer ≥ 1); None: never
+    freeze_after: Optional[int] = None
+
+    def check(self) -> None:
+        super().check()
+        _check_block(self.block)
+        _check_freeze_after(self.freeze_after)
+        if self.adaptive is not None:
+            check_choice("adaptive", self.adaptive, (None, True, False))
+
+
+class BlockAdamBase(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """Shared machinery of the block-second-moment optimizers: state, groups, step, health.
 
     Subclasses define ``_layout(p, group, name) -> Layout`` and may define
@@ -168,6 +207,9 @@ class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
     State per parameter: ``exp_avg`` (parameter-shaped), ``block_exp_avg_sq`` (one value per
     block), ``step`` (int) and ``blocks`` (the layout, fixed at the first step).
     """
+
+    hparams_class = BlockAdamHParams
+    traits = Traits(mup_family="adam", mup_eps_keys=("eps",), whole_tensors=True)
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._view_cache: dict[Tensor, tuple] = {}
@@ -179,17 +221,10 @@ class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
     def _freeze_step(self, group: dict[str, Any]) -> int | None:
         return None
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_eps(group["eps"])
-        check_weight_decay(group["weight_decay"])
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
         with rollback_group(self):  # a rejected group is not kept
-            super().add_param_group(param_group)
             group = self.param_groups[-1]
-            self._validate_group(group)
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):  # build every layout once: bad names/shapes fail here
                 self._checked_layout(p, group, names[j] if names is not None and j < len(names) else None)
@@ -212,16 +247,9 @@ class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["block_exp_avg_sq"] = p.new_zeros(n_blocks(layout))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             self._step_group(group)
-        return loss
 
     def _views(self, p: Tensor, state: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Block views of ``p``, ``exp_avg`` and ``block_exp_avg_sq``, cached across steps.
@@ -259,8 +287,6 @@ class BlockAdamBase(HealthMixin, torch.optim.Optimizer):
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
             if not state:
                 self._init_state(p, group, names[j] if names is not None and j < len(names) else None, state)
@@ -349,6 +375,9 @@ class Adalayer(BlockAdamBase):
     Optimizer for Autoregressive Language Models", ICLR 2025 (arXiv 2407.07972).
     """
 
+    hparams_class = AdalayerHParams
+    group_only = ("adaptive",)
+
     def __init__(
         self,
         params: Any,
@@ -358,25 +387,15 @@ class Adalayer(BlockAdamBase):
         weight_decay: float = 0.0,
         block: str | None = None,
         freeze_after: int | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
-        _check_block(block)
-        _check_freeze_after(freeze_after)
+        AdalayerHParams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block=block,
+                        freeze_after=freeze_after, nonfinite=nonfinite)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            block=block, adaptive=None, freeze_after=freeze_after,
+            block=block, adaptive=None, freeze_after=freeze_after, nonfinite=nonfinite,
         )  # fmt: skip
         super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        _check_block(group["block"])
-        _check_freeze_after(group["freeze_after"])
-        if group["adaptive"] not in (None, True, False):
-            raise ValueError(f"adaptive must be None, True or False, got {group['adaptive']!r}")
 
     def _layout(self, p: Tensor, group: dict[str, Any], name: str | None) -> Layout:
         mode = group["block"] or ("row" if group.get("role") == "readout" else "tensor")

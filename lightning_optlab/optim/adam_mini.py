@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_weight_decay
-from .adalayer import BlockAdamBase, Layout, coordinate_layout, row_layout, tensor_layout
+from ._validate import check_positive_int
+from .adalayer import BlockAdamBase, BlockAdamHParams, Layout, coordinate_layout, row_layout, tensor_layout
 
 __all__ = ["AdamMini", "DEFAULT_PATTERNS"]
 
@@ -90,6 +90,9 @@ class AdamMini(BlockAdamBase):
     To Gain More", ICLR 2025 (arXiv 2406.16793).
     """
 
+    hparams_class = BlockAdamHParams
+    constructor_options = ("n_heads", "n_kv_heads", *DEFAULT_PATTERNS)
+
     def __init__(
         self,
         params: Any,
@@ -106,11 +109,9 @@ class AdamMini(BlockAdamBase):
         interleaved_qkv_pattern: str = DEFAULT_PATTERNS["interleaved_qkv_pattern"],
         embedding_pattern: str = DEFAULT_PATTERNS["embedding_pattern"],
         readout_pattern: str = DEFAULT_PATTERNS["readout_pattern"],
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
+        BlockAdamHParams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
         if n_heads is not None:
             check_positive_int("n_heads", n_heads)
         if n_kv_heads is not None:
@@ -130,7 +131,7 @@ class AdamMini(BlockAdamBase):
                 ("readout_pattern", readout_pattern),
             )
         }
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite))
 
     def _matches(self, key: str, name: str) -> bool:
         return self._patterns[key].search(name) is not None

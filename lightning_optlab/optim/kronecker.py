@@ -39,6 +39,8 @@ __all__ = [
     "cholesky_qr2_batched",
     "power_qr_refresh_batched",
     "condition_number",
+    "factor_health",
+    "side_names",
     "DEFAULT_JITTER",
 ]
 
@@ -331,3 +333,31 @@ def condition_number(eigenvalues: Tensor, floor: float = 0.0) -> float:
     lo = max(float(lam.min()), floor)
     hi = float(lam.max())
     return hi / lo if lo > 0 else (0.0 if hi == 0 else math.inf)
+
+
+def side_names(order: int) -> list[str]:
+    """Names of a tensor's factors in health keys: ``L``, ``R`` for a matrix, ``F0``, ``F1``, ... otherwise."""
+    return ["L", "R"] if order == 2 else [f"F{i}" for i in range(order)]
+
+
+def factor_health(side: str, factor: Tensor, basis: Optional[Tensor], eps: float) -> dict[str, float]:
+    """Statistics of one Kronecker factor F, shared by Shampoo and SOAP (one set of keys).
+
+    ``cond_X`` = (λ_max⁺ + ε)/(λ_min⁺ + ε) and ``min_eig_over_eps_X`` = λ_min/ε from the exact
+    eigenvalues of the current F (float64); ``staleness_X`` = ‖offdiag(Qᵀ F Q)‖_F / ‖F‖_F with Q
+    the basis the method uses now (SOAP's rotation, the eigenbasis of Shampoo's current root):
+    0 right after a refresh, growing as F drifts. A non-finite F reports nothing.
+    """
+    f = factor.double()
+    if not bool(torch.isfinite(f).all()):
+        return {}
+    lam = torch.linalg.eigvalsh(f)
+    lo, hi = float(lam[0]), float(lam[-1])
+    out = {f"cond_{side}": (max(hi, 0.0) + eps) / (max(lo, 0.0) + eps), f"min_eig_over_eps_{side}": lo / eps}
+    if basis is not None:
+        q = basis.double()
+        rotated = q.T @ f @ q
+        off = float(torch.linalg.matrix_norm(rotated - torch.diag_embed(rotated.diagonal())))
+        norm = float(torch.linalg.matrix_norm(f))
+        out[f"staleness_{side}"] = off / norm if norm > 0 else 0.0
+    return out

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .base import call_closure, iter_leaf_optimizers
 from .health import torch_optimizer_health
 
 __all__ = ["OptimizerMix"]
@@ -81,10 +82,7 @@ class OptimizerMix(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate ``closure`` once (if given), then step every child."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         for child in self.children:
             child.step()
         return loss
@@ -148,6 +146,11 @@ class OptimizerMix(torch.optim.Optimizer):
                 stats = {f"{name}:{k}": v for k, v in stats.items()}
             out.update(stats)
         return out
+
+    def pop_nonfinite_skips(self) -> list[str]:
+        """The children's non-finite skips since the last call (see ``OptlabOptimizer.pop_nonfinite_skips``)."""
+        return [name for leaf in iter_leaf_optimizers(self.children) if hasattr(leaf, "pop_nonfinite_skips")
+                for name in leaf.pop_nonfinite_skips()]
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}: {type(c).__name__}" for n, c in zip(self.child_names, self.children))

@@ -3,22 +3,55 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
 import schedulefree
 import torch
 from torch import Tensor
 
-from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_range, check_weight_decay
+from ._validate import check_betas, check_eps, check_lr, check_range, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits, check_bool
 from .health import HealthMixin, quantile_stats, update_stats
 
-__all__ = ["ScheduleFreeAdamW", "TRAIN_WEIGHT_KEY"]
+__all__ = ["ScheduleFreeAdamW", "ScheduleFreeAdamWHParams", "TRAIN_WEIGHT_KEY"]
 
 #: per-parameter state key for the exact training weights y stored beside eval-mode checkpoints
 TRAIN_WEIGHT_KEY = "train_weight"
 
 
-class ScheduleFreeAdamW(CheckedGroups, HealthMixin, schedulefree.AdamWScheduleFree):
+@dataclass(kw_only=True)
+class ScheduleFreeAdamWHParams(HParams):
+    #: learning rate γ (≥ 0)
+    lr: float = 0.0025
+    #: (β1, β2): the interpolation and the second-moment decay, each in [0, 1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    #: ε (> 0)
+    eps: float = 1e-8
+    #: weight decay λ at y (≥ 0)
+    weight_decay: float = 0.0
+    #: linear learning-rate warmup steps (integer ≥ 0)
+    warmup_steps: int = 0
+    #: polynomial weighting power of the average (≥ 0)
+    r: float = 0.0
+    #: the averaging weight's power of the learning rate (≥ 0)
+    weight_lr_power: float = 2.0
+    #: the foreach path
+    foreach: bool = True
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_eps(self.eps)
+        check_weight_decay(self.weight_decay)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {self.warmup_steps!r}")
+        check_range("r", self.r, 0.0, float("inf"))
+        check_range("weight_lr_power", self.weight_lr_power, 0.0, float("inf"))
+        check_bool("foreach", self.foreach)
+
+
+class ScheduleFreeAdamW(OptlabOptimizer, HealthMixin, schedulefree.AdamWScheduleFree):
     """Schedule-Free AdamW: z ← z − γ·ĝ, x ← (1−c)·x + c·z, gradients taken at y = (1−β1)·z + β1·x.
 
     ĝ is the Adam-normalized gradient g / (sqrt(v / (1−β2^t)) + ε) plus the weight decay λ·y,
@@ -55,6 +88,9 @@ class ScheduleFreeAdamW(CheckedGroups, HealthMixin, schedulefree.AdamWScheduleFr
     arXiv:2405.15682; code: github.com/facebookresearch/schedule_free.
     """
 
+    hparams_class = ScheduleFreeAdamWHParams
+    traits = Traits(mup_family="adam", mup_eps_keys=("eps",), replaces_schedule=True, eval_mode=True)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -66,17 +102,13 @@ class ScheduleFreeAdamW(CheckedGroups, HealthMixin, schedulefree.AdamWScheduleFr
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         foreach: Optional[bool] = None,
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
-        check_range("r", r, 0.0, float("inf"))
-        check_range("weight_lr_power", weight_lr_power, 0.0, float("inf"))
         if foreach is None:
             foreach = hasattr(torch, "_foreach_mul_")
+        ScheduleFreeAdamWHParams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                 r=r, weight_lr_power=weight_lr_power, foreach=foreach, nonfinite=nonfinite)
+        self._nonfinite_default = nonfinite
         super().__init__(
             params,
             lr=lr,
@@ -88,18 +120,18 @@ class ScheduleFreeAdamW(CheckedGroups, HealthMixin, schedulefree.AdamWScheduleFr
             weight_lr_power=weight_lr_power,
             foreach=foreach,
         )
+        self.defaults["nonfinite"] = nonfinite
         self.train()
         # id(param) -> (weak reference to its .grad after the last step, that tensor's version):
         # upstream leaves the z step's direction in .grad; health() reads it while it is intact.
         self._last_directions: dict[int, tuple[weakref.ref, int]] = {}
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def _update(self) -> None:
         """Upstream's step; also notes (Python only, no kernel) where the step's direction lies."""
-        loss = super().step(closure)
+        schedulefree.AdamWScheduleFree.step(self)
         self._last_directions = {
             id(p): (weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"] if p.grad is not None
         }
-        return loss
 
     def train(self) -> None:
         """Switch parameters to the training sequence y (upstream's ``train()``).

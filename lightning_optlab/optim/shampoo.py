@@ -14,21 +14,23 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay, rollback_group
+from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice, looks_flattened, param_name, sharding_problem
 from .health import HealthMixin, quantile_stats, update_stats
-from .kronecker import factor_mask, merged_shape, project, safe_eigh, update_factors_
+from .kronecker import factor_health, factor_mask, merged_shape, project, safe_eigh, side_names, update_factors_
 
-__all__ = ["Shampoo", "inverse_root_eigh", "inverse_root_newton", "graft_denominators_", "sharding_problem", "GRAFTINGS"]
+__all__ = ["Shampoo", "ShampooHParams", "inverse_root_eigh", "inverse_root_newton", "graft_denominators_",
+           "sharding_problem", "looks_flattened", "GRAFTINGS"]
 
 #: grafting optimizers: the Shampoo direction takes the norm of this one's update
 GRAFTINGS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 _ROOTS = ("eigh", "newton")
-_NONFINITE = ("skip", "raise")
 # Floor of the Shampoo direction's norm in the graft ratio ‖graft‖/‖shampoo‖: a zero momentum
 # gives a zero update instead of 0/0.
 _TINY = 1e-30
@@ -138,31 +140,80 @@ def graft_denominators_(
     return denoms
 
 
-def sharding_problem(p: Tensor) -> Optional[str]:
-    """Why ``p`` is not a whole tensor on this rank (FSDP2/tensor-parallel DTensor, FSDP1
-    FlatParameter), or None. Matrix preconditioners need whole matrices: they are refused."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(p, DTensor):
-            return f"a DTensor with placements {tuple(p.placements)} (FSDP2 or tensor parallel)"
-    if type(p).__name__ == "FlatParameter":
-        return "an FSDP1 FlatParameter (FSDP with use_orig_params=False)"
-    return None
-
-
-def looks_flattened(p: Tensor) -> bool:
-    """A 1-D tensor viewing a larger storage: what FSDP1 with use_orig_params=True hands the optimizer."""
-    return p.dim() == 1 and p.untyped_storage().nbytes() > p.numel() * p.element_size()
-
-
 def _state_dtype(p: Tensor) -> torch.dtype:
     # Factors, roots and the graft's moments of a bf16/fp16 parameter are kept in float32: an
     # EMA with β = 0.999 does not move in bf16, and eigendecompositions need the precision.
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+    return Shampoo.state_dtype(p)
 
 
-class Shampoo(HealthMixin, torch.optim.Optimizer):
+@dataclass(kw_only=True)
+class ShampooHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 1e-3
+    #: (β1 in [0, 1), β2 in (0, 1]): momentum and factor EMA (β2 = 1 sums)
+    betas: tuple[float, float] = (0.9, 0.999)
+    #: ε added to the factors' eigenvalues (> 0)
+    eps: float = 1e-12
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.0
+    #: root exponent e per side in (0, 1], or "auto" (1/(2·order))
+    exponent: Union[float, str] = 0.25
+    #: steps between root refreshes (integer ≥ 1)
+    precondition_frequency: int = 10
+    #: first refresh (integer ≥ 1); None: precondition_frequency
+    start_preconditioning_step: Optional[int] = None
+    #: larger dimensions get no factor (integer ≥ 1)
+    max_precond_dim: int = 4096
+    #: merge consecutive dimensions while their product is ≤ max_precond_dim
+    merge_dims: bool = False
+    #: grafting optimizer: "adam", "adagrad", "rmsprop", "sgd" or "none"
+    grafting: str = "adam"
+    #: β2 of Adam/RMSprop grafting in [0, 1)
+    graft_beta2: float = 0.999
+    #: ε of the graft (> 0)
+    graft_eps: float = 1e-8
+    #: "eigh" or "newton" (coupled Newton iteration)
+    root: str = "eigh"
+    #: sum the factors as the original Shampoo
+    factor_sum: bool = False
+    #: Newton iteration cap (integer ≥ 1)
+    newton_iters: int = 100
+    #: non-finite gradients are skipped by default
+    nonfinite: str = "skip"
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (β1 in [0, 1), β2 in (0, 1]), got {betas!r}")
+        check_beta("betas[0]", betas[0])
+        check_range("betas[1]", betas[1], 0.0, 1.0, lo_open=True)
+        check_eps(self.eps)
+        check_weight_decay(self.weight_decay)
+        e = self.exponent
+        if e != "auto":
+            if isinstance(e, str):
+                raise ValueError(f"exponent must be a number in (0, 1] or 'auto', got {e!r}")
+            check_range("exponent", e, 0.0, 1.0, lo_open=True)
+        check_positive_int("precondition_frequency", self.precondition_frequency)
+        if self.start_preconditioning_step is not None:
+            check_positive_int("start_preconditioning_step", self.start_preconditioning_step)
+        check_positive_int("max_precond_dim", self.max_precond_dim)
+        check_positive_int("newton_iters", self.newton_iters)
+        check_bool("merge_dims", self.merge_dims)
+        check_bool("factor_sum", self.factor_sum)
+        check_choice("grafting", self.grafting, GRAFTINGS)
+        check_choice("root", self.root, _ROOTS)
+        check_beta("graft_beta2", self.graft_beta2)
+        check_eps(self.graft_eps, "graft_eps")
+        if self.root == "newton" and e != "auto" and abs(1.0 / float(e) - round(1.0 / float(e))) > 1e-9:
+            raise ValueError(
+                f"root='newton' computes inverse p-th roots for integer p, so exponent must be 1/p; got {e}. "
+                "Use root='eigh' for other exponents."
+            )
+
+
+class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """Shampoo with norm grafting: W ← W − ηλW − η·(‖graft(m̂)‖/‖P‖)·P,  P = L^(−e) m̂ R^(−e).
 
     m ← β1·m + (1−β1)·g (m̂ = m/(1−β1^t));  L ← β2·L + (1−β2)·g gᵀ,  R ← β2·R + (1−β2)·gᵀg
@@ -193,7 +244,8 @@ class Shampoo(HealthMixin, torch.optim.Optimizer):
         factor_sum: sum the factors as the original Shampoo, default False.
         newton_iters: Newton iteration cap, default 100.
         nonfinite: "skip" (default: a NaN/inf gradient leaves the parameter and its state as
-            they were, counted) or "raise" (ValueError naming the parameter). One host sync per step.
+            they were, counted and reported), "raise" (NonFiniteGradientError, a ValueError, naming
+            the parameter) or "ignore". One host sync per step unless "ignore".
 
     Example:
         >>> opt = Shampoo(model.parameters(), lr=3e-4, betas=(0.9, 0.95), exponent=0.5)
@@ -208,6 +260,10 @@ class Shampoo(HealthMixin, torch.optim.Optimizer):
     Morwani et al. 2024, "A New Perspective on Shampoo's Preconditioner"; grafting as in
     Shi et al. 2023, "A Distributed Data-Parallel PyTorch Implementation of Shampoo".
     """
+
+    hparams_class = ShampooHParams
+    traits = Traits(mup_family="adam", mup_eps_keys=("graft_eps",), whole_tensors=True, float32_state=True,
+                    nonfinite="skip", skips_in_state=True)
 
     def __init__(
         self,
@@ -238,78 +294,49 @@ class Shampoo(HealthMixin, torch.optim.Optimizer):
             merge_dims=merge_dims, grafting=grafting, graft_beta2=graft_beta2, graft_eps=graft_eps, root=root,
             factor_sum=factor_sum, newton_iters=newton_iters, nonfinite=nonfinite,
         )
-        _check_hparams(defaults)
+        ShampooHParams(**defaults)
         super().__init__(params, defaults)
         self.last_refresh_seconds = 0.0
 
+    @classmethod
+    def mup_family_for(cls, hparams: Mapping[str, Any]) -> str:
+        """The graft sets the update's size: Adam's rule for adam/adagrad/rmsprop grafting, SGD's for sgd."""
+        grafting = hparams.get("grafting", "adam")
+        family = {"adam": "adam", "adagrad": "adam", "rmsprop": "adam", "sgd": "sgd"}.get(grafting)
+        if family is None:
+            raise ValueError(
+                f"shampoo with grafting={grafting!r} has no μP rule (its update size depends on the gradient scale); "
+                "use grafting='adam' (the Adam rule then applies) or another optimizer"
+            )
+        return family
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        with rollback_group(self):  # a rejected group is not kept
-            super().add_param_group(param_group)
-            group = self.param_groups[-1]
-            _check_hparams(group)  # per-group overrides get the same checks
-            for p in group["params"]:
-                problem = sharding_problem(p)
-                if problem:
-                    raise ValueError(
-                        f"Shampoo needs whole parameters on every rank, but {_param_name(group, p)!r} is {problem}. "
-                        "Use DDP (every rank keeps whole parameters and computes the same update), or give the "
-                        "sharded parameters to AdamW through the per-role mix."
-                    )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
         for p in group["params"]:
             if looks_flattened(p):
                 warnings.warn(
-                    f"Shampoo got a 1-D view of a larger buffer ({_param_name(group, p)!r}), as FSDP1 with "
+                    f"Shampoo got a 1-D view of a larger buffer ({param_name(self, p)!r}), as FSDP1 with "
                     "use_orig_params=True hands out: it gets the graft's update only, no preconditioning. "
                     "Use DDP to precondition whole matrices.",
                     stacklevel=3,
                 )
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         self.last_refresh_seconds = 0.0
-        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for _, p in work:
-            if p.grad.is_sparse:
-                raise RuntimeError("Shampoo does not support sparse gradients")
-        work = self._drop_nonfinite(work)
         for group in self.param_groups:
-            params = [p for g, p in work if g is group]
+            params = [p for p in group["params"] if p.grad is not None]
             if params:
                 self._step_group(group, params)
-        return loss
-
-    def _drop_nonfinite(self, work: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], Tensor]]:
-        # One host sync for all parameters: the max-norm is finite iff every entry is.
-        if not work:
-            return work
-        norms = torch._foreach_norm([p.grad for _, p in work], ord=math.inf)
-        finite = torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().tolist()
-        kept = []
-        for (group, p), ok in zip(work, finite):
-            if ok:
-                kept.append((group, p))
-            elif group["nonfinite"] == "raise":
-                raise ValueError(
-                    f"non-finite gradient in parameter {_param_name(group, p)!r} (shape {tuple(p.shape)}); lower "
-                    "the learning rate or raise graft_eps/eps, check the loss for overflow, or pass nonfinite='skip'"
-                )
-            else:
-                state = self._init_state(group, p)
-                state["nonfinite_skips"] += 1
-        return kept
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if "step" in state:
             return state
         dtype = _state_dtype(p)
-        state.update(step=0, last_refresh=0, fallbacks=0, roots_kept=0, nonfinite_skips=0)
+        state.update(step=0, last_refresh=0, fallbacks=0, roots_kept=0)
+        state.setdefault("nonfinite_skips", 0)  # counted by the base before a first step
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         if group["grafting"] in ("adam", "adagrad", "rmsprop"):
@@ -414,23 +441,6 @@ class Shampoo(HealthMixin, torch.optim.Optimizer):
     def _param_health(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
         return shampoo_health(p, group, state)
 
-    # ------------------------------------------------------- state handling
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader casts every floating state tensor to its parameter's dtype; the float32
-        state of bf16/fp16 parameters is put back from the saved tensors, so a resume is exact."""
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, saved in state_dict["state"].items():
-            p = params[idx]
-            if _state_dtype(p) == p.dtype or p not in self.state:
-                continue
-            for key, val in saved.items():
-                if isinstance(val, Tensor):
-                    self.state[p][key] = val.to(device=p.device, copy=True)
-                elif isinstance(val, list):
-                    self.state[p][key] = [v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v for v in val]
-
-
 def _merged(p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
     if group["merge_dims"] and p.dim() >= 2:
         return merged_shape(tuple(p.shape), group["max_precond_dim"])
@@ -445,47 +455,6 @@ def _exponent(group: dict[str, Any], order: int) -> float:
 def _preconditioned(group: dict[str, Any], state: dict[str, Any]) -> bool:
     roots = state.get("roots")
     return roots is not None and state["step"] >= group["start_preconditioning_step"] and any(r is not None for r in roots)
-
-
-def _param_name(group: dict[str, Any], p: Tensor) -> str:
-    names = group.get("param_names")
-    for j, q in enumerate(group["params"]):
-        if q is p:
-            return names[j] if names is not None and j < len(names) else f"param{j} of its group"
-    return "?"
-
-
-def _check_hparams(h: dict[str, Any]) -> None:
-    check_lr(h["lr"])
-    betas = h["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (β1 in [0, 1), β2 in (0, 1]), got {betas!r}")
-    check_beta("betas[0]", betas[0])
-    check_range("betas[1]", betas[1], 0.0, 1.0, lo_open=True)
-    check_eps(h["eps"])
-    check_weight_decay(h["weight_decay"])
-    e = h["exponent"]
-    if e != "auto":
-        if isinstance(e, str):
-            raise ValueError(f"exponent must be a number in (0, 1] or 'auto', got {e!r}")
-        check_range("exponent", e, 0.0, 1.0, lo_open=True)
-    check_positive_int("precondition_frequency", h["precondition_frequency"])
-    check_positive_int("start_preconditioning_step", h["start_preconditioning_step"])
-    check_positive_int("max_precond_dim", h["max_precond_dim"])
-    check_positive_int("newton_iters", h["newton_iters"])
-    for key in ("merge_dims", "factor_sum"):
-        if not isinstance(h[key], bool):
-            raise ValueError(f"{key} must be True or False, got {h[key]!r}")
-    for key, allowed in (("grafting", GRAFTINGS), ("root", _ROOTS), ("nonfinite", _NONFINITE)):
-        if h[key] not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {h[key]!r}")
-    check_beta("graft_beta2", h["graft_beta2"])
-    check_eps(h["graft_eps"], "graft_eps")
-    if h["root"] == "newton" and e != "auto" and abs(1.0 / float(e) - round(1.0 / float(e))) > 1e-9:
-        raise ValueError(
-            f"root='newton' computes inverse p-th roots for integer p, so exponent must be 1/p; got {e}. "
-            "Use root='eigh' for other exponents."
-        )
 
 
 def _graft_denominator(group: dict[str, Any], state: dict[str, Any]) -> Optional[Tensor]:
@@ -539,12 +508,11 @@ def shampoo_health(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> d
     factors = state.get("factors")
     if factors is not None:
         last = state["last_refresh"]
-        out.update(steps_since_refresh=float(t - last if last else t), fallbacks=float(state["fallbacks"]),
+        out.update(steps_since_refresh=float(t - last), fallbacks=float(state["fallbacks"]),
                    roots_kept=float(state["roots_kept"]))
-        sides = ["L", "R"] if len(factors) == 2 else [f"F{i}" for i in range(len(factors))]
-        for side, f, r in zip(sides, factors, state["roots"]):
-            if f is not None:
-                out.update(_factor_stats(side, f.double(), r, eps))
+        for side, f, r in zip(side_names(len(factors)), factors, state["roots"]):
+            if f is not None:  # the basis in use: the eigenbasis of the current root
+                out.update(factor_health(side, f, torch.linalg.eigh(r.double())[1] if r is not None else None, eps))
     if _preconditioned(group, state):
         shape = _merged(p, group)
         roots = [r.double() if r is not None else None for r in state["roots"]]
@@ -560,20 +528,4 @@ def shampoo_health(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> d
         per_coord = lr / denom.double() if denom is not None else torch.full((1,), lr, dtype=torch.float64)
         out.update(quantile_stats("eff_lr", per_coord))
         out.update(update_stats(p, lr * graft))
-    return out
-
-
-def _factor_stats(side: str, f: Tensor, root: Optional[Tensor], eps: float) -> dict[str, float]:
-    lam = torch.linalg.eigvalsh(f) if bool(torch.isfinite(f).all()) else None
-    out: dict[str, float] = {}
-    if lam is not None:
-        lo, hi = float(lam[0]), float(lam[-1])
-        out[f"cond_{side}"] = (max(hi, 0.0) + eps) / (max(lo, 0.0) + eps)
-        out[f"min_eig_over_eps_{side}"] = lo / eps
-    if root is not None and lam is not None:
-        q = torch.linalg.eigh(root.double())[1]
-        rotated = q.T @ f @ q
-        off = torch.linalg.matrix_norm(rotated - torch.diag_embed(rotated.diagonal()))
-        norm = float(torch.linalg.matrix_norm(f))
-        out[f"staleness_{side}"] = float(off) / norm if norm > 0 else 0.0
     return out

@@ -7,15 +7,17 @@ with β2; Signum is the same kernel with β1 = β2 = β (and signSGD is β = 0).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import CheckedGroups, check_beta, check_betas, check_lr, check_weight_decay
+from ._validate import check_beta, check_betas, check_lr, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits
 from .health import HealthMixin, quantile_stats, update_stats
 
-__all__ = ["Lion", "Signum", "sign_update"]
+__all__ = ["Lion", "Signum", "LionHParams", "SignumHParams", "sign_update"]
 
 # |m| is clamped below by this before the per-coordinate effective learning rate lr / |m| is
 # reported, so coordinates with a zero momentum give a large finite value, not inf.
@@ -59,19 +61,45 @@ def sign_update(
     torch._foreach_add_(params, direction, alpha=-lr)
 
 
-class _SignOptimizer(CheckedGroups, HealthMixin, torch.optim.Optimizer):
+@dataclass(kw_only=True)
+class LionHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 1e-4
+    #: (β1, β2): the sign's interpolation and the momentum's decay, each in [0, 1)
+    betas: tuple[float, float] = (0.9, 0.99)
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_weight_decay(self.weight_decay)
+
+
+@dataclass(kw_only=True)
+class SignumHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 1e-3
+    #: momentum β in [0, 1); 0 is signSGD
+    momentum: float = 0.9
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_beta("momentum", self.momentum)
+        check_weight_decay(self.weight_decay)
+
+
+class _SignOptimizer(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """State handling and health shared by Lion and Signum; subclasses say which betas to use."""
+
+    traits = Traits(mup_family="sign")
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             beta1, beta2 = self._betas(group)
             use_momentum = not (beta1 == 0.0 and beta2 == 0.0)
@@ -79,8 +107,6 @@ class _SignOptimizer(CheckedGroups, HealthMixin, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
@@ -102,7 +128,6 @@ class _SignOptimizer(CheckedGroups, HealthMixin, torch.optim.Optimizer):
                 beta1=beta1,
                 beta2=beta2,
             )
-        return loss
 
     def _param_health(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
         # For a sign method every coordinate moves by exactly lr; its effective learning rate,
@@ -145,11 +170,12 @@ class Lion(_SignOptimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_weight_decay(weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        LionHParams(lr=lr, betas=betas, weight_decay=weight_decay, nonfinite=nonfinite)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, nonfinite=nonfinite))
+
+    hparams_class = LionHParams
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         beta1, beta2 = group["betas"]
@@ -181,11 +207,12 @@ class Signum(_SignOptimizer):
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_beta("momentum", momentum)
-        check_weight_decay(weight_decay)
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        SignumHParams(lr=lr, momentum=momentum, weight_decay=weight_decay, nonfinite=nonfinite)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nonfinite=nonfinite))
+
+    hparams_class = SignumHParams
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         beta = float(group["momentum"])

@@ -17,15 +17,18 @@ the decompositions at a refresh). Options that change the numbers are off by def
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice
 from .health import HealthMixin, quantile_stats, update_stats
 from .kronecker import (
     eigenbasis,
+    factor_health,
     factor_mask,
     gram,
     merged_shape,
@@ -33,13 +36,13 @@ from .kronecker import (
     power_qr_refresh_batched,
     project,
     project_matrices,
+    side_names,
     update_factors_,
 )
 
 __all__ = ["SOAP", "soap_rotated_adam_"]
 
 REFRESH_METHODS = ("qr", "cholesky_qr")
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Accelerators: same-shaped matrices are rotated as one bmm stack when a stack holds at most
 # this many elements (bounds the temporary memory). On the CPU launches are cheap and the
@@ -69,15 +72,51 @@ def soap_rotated_adam_(
     return torch._foreach_div(exp_avgs, denom)
 
 
-def _is_sharded(p: Tensor) -> bool:
-    """A parameter that holds only a shard of its matrix (FSDP1 flat parameters, DTensor shards)."""
-    if getattr(p, "_fsdp_flattened", False):
-        return True
-    placements = getattr(p, "placements", None)  # torch.distributed.tensor.DTensor
-    return placements is not None and any(pl.is_shard() for pl in placements)
+@dataclass(kw_only=True)
+class SOAPHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 3e-3
+    #: (β1, β2) of the rotated Adam, each in [0, 1)
+    betas: tuple[float, float] = (0.95, 0.95)
+    #: β_s of the factor EMAs, < 1; negative means β2
+    shampoo_beta: float = -1.0
+    #: ε added to √V (> 0)
+    eps: float = 1e-8
+    #: decoupled weight decay λ, after the update (≥ 0)
+    weight_decay: float = 0.01
+    #: steps between basis refreshes (integer ≥ 1)
+    precondition_frequency: int = 10
+    #: larger dimensions get no factor (integer ≥ 1)
+    max_precond_dim: int = 10000
+    #: merge consecutive dims while their product is ≤ max_precond_dim
+    merge_dims: bool = False
+    #: give 1-D tensors a factor too
+    precondition_1d: bool = False
+    #: divide the rotated-back update by its RMS
+    normalize_grads: bool = False
+    #: Adam's bias correction in the step size
+    correct_bias: bool = True
+    #: "qr" (reference, Householder) or "cholesky_qr"
+    refresh: str = "qr"
+    #: refresh each tensor at its own phase of the period
+    spread_refresh: bool = False
+    #: non-finite gradients are skipped by default
+    nonfinite: str = "skip"
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_range("shampoo_beta", self.shampoo_beta, -float("inf"), 1.0, hi_open=True)
+        check_eps(self.eps)
+        check_weight_decay(self.weight_decay)
+        check_positive_int("precondition_frequency", self.precondition_frequency)
+        check_positive_int("max_precond_dim", self.max_precond_dim)
+        for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "spread_refresh"):
+            check_bool(name, getattr(self, name))
+        check_choice("refresh", self.refresh, REFRESH_METHODS)
 
 
-class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
+class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """SOAP: W ← W − η·√(1−β2ᵗ)/(1−β1ᵗ)·Q_L (M / (√V + ε)) Q_Rᵀ, then W ← W − ηλW.
 
     Per matrix: factors L ← lerp(L, G Gᵀ, 1−β_s), R ← lerp(R, Gᵀ G, 1−β_s); bases Q_L, Q_R their
@@ -104,8 +143,10 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         spread_refresh: refresh each tensor at its own phase of the period, balancing the
             refresh work over steps (changes the numbers; default False).
         nonfinite: a non-finite gradient leaves its parameter's state unchanged and is counted
-            (``"skip"``, default), raises naming the parameter (``"raise"``), or is not checked
-            (``"ignore"``: no device read per step).
+            and reported (``"skip"``, default), raises
+            :class:`~lightning_optlab.optim.base.NonFiniteGradientError` (a ``FloatingPointError``)
+            naming the parameter (``"raise"``), or is not checked (``"ignore"``: no device read
+            per step). A group option, like the others.
 
     Example::
 
@@ -115,6 +156,9 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     Stabilizing Shampoo using Adam" (2024), arXiv:2409.11321.
     """
 
+    hparams_class = SOAPHParams
+    traits = Traits(mup_family="soap", mup_eps_keys=("eps",), first_step_initializes=True, whole_tensors=True,
+                    float32_state=True, nonfinite="skip", skips_in_state=True)
     _stack_on_cpu = False
 
     def __init__(
@@ -136,29 +180,14 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         spread_refresh: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_range("shampoo_beta", shampoo_beta, -float("inf"), 1.0, hi_open=True)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
-        check_positive_int("precondition_frequency", precondition_frequency)
-        check_positive_int("max_precond_dim", max_precond_dim)
-        for name, flag in (("merge_dims", merge_dims), ("precondition_1d", precondition_1d),
-                           ("normalize_grads", normalize_grads), ("correct_bias", correct_bias),
-                           ("spread_refresh", spread_refresh)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
-        if refresh not in REFRESH_METHODS:
-            raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         defaults = dict(
-            lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, shampoo_beta=shampoo_beta,
+            eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
             merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-            correct_bias=correct_bias, refresh=refresh, spread_refresh=spread_refresh,
+            correct_bias=correct_bias, refresh=refresh, spread_refresh=spread_refresh, nonfinite=nonfinite,
         )
-        self.nonfinite = nonfinite
+        SOAPHParams(**defaults)
         #: host seconds spent on eigendecompositions and refreshes in the last step (no device sync
         #: of its own; the decompositions read a finiteness flag, so on an accelerator this is close
         #: to the device time of that work)
@@ -166,40 +195,17 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         self._phase_load: dict[int, list[float]] = {}
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, refusing sharded parameters (SOAP needs each whole matrix; see docs/optimizers.md)."""
-        super().add_param_group(param_group)
-        names = self.param_groups[-1].get("param_names")
-        for j, p in enumerate(self.param_groups[-1]["params"]):
-            if _is_sharded(p):
-                name = names[j] if names is not None and j < len(names) else f"param {j}"
-                self.param_groups.pop()  # leave the optimizer as it was
-                raise ValueError(
-                    f"SOAP got a sharded parameter ({name}, FSDP/DTensor): its Kronecker factors need the "
-                    "whole matrix. Use DDP (or FSDP with this parameter replicated), or give the sharded "
-                    "parameters to AdamW through the per-role mix."
-                )
-
     # ----------------------------------------------------------------------------------- state
     @property
     def fallback_count(self) -> int:
         """Decompositions that failed in their first attempt (retried, jittered or basis kept)."""
         return sum(int(s.get("fallbacks", 0)) for s in self.state.values())
 
-    @property
-    def nonfinite_skips(self) -> int:
-        """Parameter updates skipped because their gradient was not finite."""
-        return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
-
     @staticmethod
     def _work_shape(p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
         if group["merge_dims"] and p.dim() != 1:
             return merged_shape(p.shape, group["max_precond_dim"])
         return tuple(p.shape)
-
-    @staticmethod
-    def _state_dtype(p: Tensor) -> torch.dtype:
-        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
     def _phase(self, group: dict[str, Any], sizes: list[int]) -> int:
         """Refresh phase: 0, or with ``spread_refresh`` the least-loaded slot (greedy on Σd³)."""
@@ -214,7 +220,7 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """The first step: factors from this gradient, bases from their eigendecomposition."""
-        dtype, shape = self._state_dtype(p), self._work_shape(p, group)
+        dtype, shape = self.state_dtype(p), self._work_shape(p, group)
         mask = factor_mask(p.shape, group["max_precond_dim"], group["precondition_1d"], group["merge_dims"])
         g = grad.to(dtype).reshape(shape)
         beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
@@ -242,64 +248,29 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         state["refresh_phase"] = self._phase(group, [f.shape[0] for f in factors if f is not None])
 
     # ------------------------------------------------------------------------------------ step
-    def _finite_mask(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[bool]:
-        """One device read per group: which gradients are finite.
-
-        Exact (no overflow): min and max of each gradient, which are NaN or ±inf exactly when the
-        gradient has a non-finite entry. One multi-tensor max-abs norm on accelerators; per-tensor
-        ``aminmax`` on the CPU, where it is ~10x faster than the foreach norm's fallback.
-        """
-        if grads[0].device.type == "cpu":
-            extremes = [v.float() for g in grads for v in torch.aminmax(g)]
-            flags = torch.isfinite(torch.stack(extremes).view(-1, 2)).all(1).tolist()
-        else:
-            norms = torch._foreach_norm(grads, float("inf"))
-            flags = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).tolist()
-        if self.nonfinite == "raise" and not all(flags):
-            names = group.get("param_names")
-            index = {id(q): j for j, q in enumerate(group["params"])}
-            bad = [names[index[id(p)]] if names else f"param {index[id(p)]}" for p, ok in zip(params, flags) if not ok]
-            raise FloatingPointError(f"SOAP got a non-finite gradient for {', '.join(bad)}; "
-                                     "lower the learning rate or clip gradients, or pass nonfinite='skip'")
-        return flags
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One SOAP step for every parameter with a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         refresh_seconds = 0.0
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("SOAP does not support sparse gradients")
-            grads = [p.grad for p in params]
-            flags = self._finite_mask(group, params, grads) if self.nonfinite != "ignore" else [True] * len(params)
             active = []
-            for p, g, ok in zip(params, grads, flags):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p]
-                if not ok:
-                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-                elif "step" not in state:
+                if "step" not in state:
                     t0 = time.perf_counter()
-                    self._init_state(p, g, group, state)
+                    self._init_state(p, p.grad, group, state)
                     refresh_seconds += time.perf_counter() - t0
                 else:
-                    active.append((p, g, state))
+                    active.append((p, p.grad, state))
             if active:
                 refresh_seconds += self._update_group(group, active)
         self.last_refresh_seconds = refresh_seconds
-        return loss
 
     def _update_group(self, group: dict[str, Any], active: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> float:
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         shapes = [self._work_shape(p, group) for p, _, _ in active]
-        grads = [g.to(self._state_dtype(p)).reshape(s) for (p, g, _), s in zip(active, shapes)]
+        grads = [g.to(self.state_dtype(p)).reshape(s) for (p, g, _), s in zip(active, shapes)]
         bases = [st["bases"] for _, _, st in active]
         exp_avgs = [st["exp_avg"].view(s) for (_, _, st), s in zip(active, shapes)]
         exp_avg_sqs = [st["exp_avg_sq"].view(s) for (_, _, st), s in zip(active, shapes)]
@@ -454,22 +425,11 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
             bases[i][side] = buf[j]
         return buf
 
-    # ---------------------------------------------------------------------------- checkpoints
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but keeps float32 state of bf16/fp16 parameters in float32 (torch would
-        cast every floating state tensor to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                if p.dtype in _LOW_PRECISION and pid in saved:
-                    self.state[p] = _to_device(saved[pid], p.device)
-
     # -------------------------------------------------------------------------------- health
     def _param_health(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
-        """Per factor (``L``/``R`` for matrices, ``F0``, ``F1``, ... otherwise): ``_cond`` and
-        ``_eig_min_over_eps`` from the eigenvalue estimates diag(Qᵀ F Q) (exact right after a
-        refresh), ``_staleness`` = ‖offdiag(Qᵀ F Q)‖_F / ‖offdiag(F)‖_F; ``steps_since_refresh``,
+        """Per factor (``L``/``R`` for matrices, ``F0``, ``F1``, ... otherwise) the keys Shampoo
+        reports too (:func:`.kronecker.factor_health`): ``cond_X``, ``min_eig_over_eps_X`` and
+        ``staleness_X`` = ‖offdiag(Qᵀ F Q)‖_F / ‖F‖_F of the basis in use; ``steps_since_refresh``,
         ``fallbacks``, ``nonfinite_skips``; and Adam's statistics in the rotated basis: ``eff_lr_*``
         = η·√(1−β2ᵗ)/(1−β1ᵗ)/(√V + ε), ``eps_frac``, ``update_rms``, ``update_to_weight``."""
         out: dict[str, float] = {
@@ -481,10 +441,9 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         t, shape, eps = state["step"], self._work_shape(p, group), group["eps"]
         if any(f is not None for f in state["factors"]):
             out["steps_since_refresh"] = float(t - state["last_refresh"])
-        names = ["L", "R"] if len(shape) == 2 else [f"F{i}" for i in range(len(shape))]
-        for name, f, q in zip(names, state["factors"], state["bases"]):
+        for side, f, q in zip(side_names(len(shape)), state["factors"], state["bases"]):
             if f is not None:
-                out.update(_factor_health(name, f, q, eps))
+                out.update(factor_health(side, f, q, eps))
         if t < 1:
             return out
         beta1, beta2 = group["betas"]
@@ -501,21 +460,6 @@ class SOAP(CheckedGroups, HealthMixin, torch.optim.Optimizer):
             n = n / (n.pow(2).mean().sqrt() + 1e-30)
         out.update(update_stats(p, scale * n))
         return out
-
-
-def _factor_health(name: str, factor: Tensor, basis: Tensor, eps: float) -> dict[str, float]:
-    f = factor.double()
-    q = basis.double()
-    a = q.T @ f @ q
-    d = a.diagonal()
-    off_a = (a.pow(2).sum() - d.pow(2).sum()).clamp_min(0).sqrt().item()
-    off_f = (f.pow(2).sum() - f.diagonal().pow(2).sum()).clamp_min(0).sqrt().item()
-    lo, hi = d.abs().min().item(), d.abs().max().item()
-    return {
-        f"{name}_cond": hi / lo if lo > 0 else (0.0 if hi == 0 else float("inf")),
-        f"{name}_eig_min_over_eps": d.min().item() / eps,
-        f"{name}_staleness": off_a / off_f if off_f > 0 else 0.0,
-    }
 
 
 def _mul_along(x: Tensor, a: Tensor, dim: int) -> Tensor:
@@ -537,13 +481,3 @@ def _carry(m: Tensor, q_old: Tensor, q_new: Tensor, dim: int) -> Tensor:
     if d * d < m.numel():
         return _mul_along(m, q_new.T @ q_old, dim)
     return _mul_along(_mul_along(m, q_old, dim), q_new.T, dim)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value

@@ -14,6 +14,8 @@ other optimizer, so a training step can call them unconditionally.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -21,10 +23,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._validate import CheckedGroups, check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from ._validate import check_betas, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
+from .base import HParams, OptlabOptimizer, Traits, check_choice, iter_leaf_optimizers
 from .health import HealthMixin, quantile_stats, update_stats
 
-__all__ = ["Sophia", "sophia_update", "sophia_gnb_estimate", "sophia_hutchinson_estimate"]
+__all__ = ["Sophia", "SophiaHParams", "sophia_update", "sophia_gnb_estimate", "sophia_hutchinson_estimate"]
 
 ESTIMATORS = ("gnb", "hutchinson")
 
@@ -70,7 +73,34 @@ def sophia_update(
     torch._foreach_add_(params, ratio, alpha=-lr)
 
 
-class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
+@dataclass(kw_only=True)
+class SophiaHParams(HParams):
+    #: learning rate η (≥ 0)
+    lr: float = 1e-4
+    #: (β1, β2): the momentum's and the Hessian EMA's decay, each in [0, 1)
+    betas: tuple[float, float] = (0.965, 0.99)
+    #: clipping scale ρ (> 0)
+    rho: float = 0.04
+    #: decoupled weight decay λ (≥ 0)
+    weight_decay: float = 0.1
+    #: steps between Hessian estimates (integer ≥ 1)
+    update_period: int = 10
+    #: ε in the denominator (> 0)
+    eps: float = 1e-15
+    #: "gnb" (Sophia-G) or "hutchinson" (Sophia-H)
+    estimator: str = "gnb"
+
+    def check(self) -> None:
+        check_lr(self.lr)
+        check_betas(self.betas)
+        check_range("rho", self.rho, 0.0, float("inf"), lo_open=True)
+        check_weight_decay(self.weight_decay)
+        check_positive_int("update_period", self.update_period)
+        check_eps(self.eps)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+
+
+class Sophia(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     """Sophia: W ← W − ηλW − η·sign(m)·min(|m| / (ρ·h + ε), 1), h an EMA of a diagonal Hessian estimate.
 
     m ← β1·m + (1−β1)·g every step; every ``update_period`` steps the training step refreshes
@@ -110,6 +140,9 @@ class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
     Language Model Pre-training" (2023), arXiv:2305.14342.
     """
 
+    hparams_class = SophiaHParams
+    traits = Traits(mup_family="sophia")
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -120,18 +153,16 @@ class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
         update_period: int = 10,
         eps: float = 1e-15,
         estimator: str = "gnb",
+        nonfinite: str = "ignore",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_range("rho", rho, 0.0, float("inf"), lo_open=True)
-        check_weight_decay(weight_decay)
-        check_positive_int("update_period", update_period)
-        check_eps(eps)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        SophiaHParams(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, update_period=update_period, eps=eps,
+                      estimator=estimator, nonfinite=nonfinite)
         defaults = dict(
-            lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, update_period=update_period, eps=eps, estimator=estimator
+            lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, update_period=update_period, eps=eps,
+            estimator=estimator, nonfinite=nonfinite,
         )
+        #: Hessian estimates skipped because the logits (or the estimate) were not finite
+        self.skipped_estimates = 0
         super().__init__(params, defaults)
 
     def _state_of(self, p: Tensor) -> dict[str, Any]:
@@ -144,20 +175,12 @@ class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One Sophia step for every parameter with a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             params, grads, exp_avgs, hessians = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Sophia does not support sparse gradients")
                 state = self._state_of(p)
                 state["step"] += 1
                 params.append(p)
@@ -177,7 +200,28 @@ class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     clamp_hessian=group["estimator"] == "hutchinson",
                 )
-        return loss
+
+    @classmethod
+    def training_step_hook(cls, optimizers: list["OptlabOptimizer"], *, logits: Optional[Tensor] = None,
+                           loss: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> bool:
+        """The curvature estimate each Sophia's ``estimator`` asks for: Sophia-G from ``logits``,
+        Sophia-H from ``loss`` (a no-op except when an estimate is due)."""
+        gnb = [o for o in optimizers if all(g["estimator"] == "gnb" for g in o.param_groups)]
+        hutch = [o for o in optimizers if o not in gnb]
+        acted = False
+        if gnb and logits is not None:
+            acted = sophia_gnb_estimate(gnb, logits, generator=generator) or acted
+        if hutch and loss is not None:
+            acted = sophia_hutchinson_estimate(hutch, loss, generator=generator) or acted
+        return acted
+
+    def effective_lr(self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Optional[Tensor]:
+        """η / max(ρ·h + ε, |m|) per coordinate (see :meth:`_param_health`)."""
+        if "hessian" not in state:
+            return None
+        h = state["hessian"].float()
+        h = h.clamp_min(0.0) if group["estimator"] == "hutchinson" else h
+        return float(group["lr"]) / torch.maximum(group["rho"] * h + group["eps"], state["exp_avg"].float().abs())
 
     def hessian_due(self) -> list[Tensor]:
         """Parameters (requiring grad) whose Hessian estimate is due now.
@@ -272,27 +316,7 @@ class Sophia(CheckedGroups, HealthMixin, torch.optim.Optimizer):
 
 def _find_sophias(optimizer: Any) -> list[Sophia]:
     """Sophia instances in ``optimizer``: itself, behind a ``.optimizer`` wrapper, or among ``children``."""
-    found: list[Sophia] = []
-    stack = [optimizer]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, (list, tuple)):  # LightningModule.optimizers() with several optimizers
-            stack.extend(obj)
-            continue
-        inner = getattr(obj, "optimizer", None)  # Lightning's LightningOptimizer (duck-typed)
-        if inner is not None and inner is not obj:
-            stack.append(inner)
-            continue
-        if isinstance(obj, Sophia):
-            found.append(obj)
-            continue
-        children = getattr(obj, "children", None)  # a per-role mix (duck-typed)
-        if isinstance(children, (list, tuple)):
-            stack.extend(children)
-            continue
-        if not isinstance(obj, torch.optim.Optimizer):
-            raise TypeError(f"expected an optimizer (or Lightning's wrapper of one), got {type(obj).__name__}")
-    return found
+    return [o for o in iter_leaf_optimizers(optimizer) if isinstance(o, Sophia)]
 
 
 def _due_targets(optimizer: Any, estimator: str, fn_name: str) -> list[tuple[Sophia, Tensor]]:
@@ -325,6 +349,17 @@ def _average_over_ranks(tensors: list[Tensor], world: int) -> None:
     torch._foreach_div_(tensors, float(world))
 
 
+def _skip_estimate(targets: list[tuple[Sophia, Tensor]]) -> None:
+    """A due estimate that cannot be made: h unchanged, the visit recorded (no retry this step), counted, reported."""
+    seen: set[int] = set()
+    for opt, p in targets:
+        opt.state[p]["hessian_step"] = opt.state[p]["step"]
+        if id(opt) not in seen:
+            seen.add(id(opt))
+            opt.skipped_estimates += 1
+            opt.report_nonfinite("Sophia's Hessian estimate (non-finite logits)")
+
+
 def _apply(targets: list[tuple[Sophia, Tensor]], estimates: Sequence[Optional[Tensor]]) -> None:
     per_opt: dict[int, tuple[Sophia, dict[Tensor, Optional[Tensor]]]] = {}
     for (opt, p), est in zip(targets, estimates):
@@ -341,6 +376,7 @@ def sophia_gnb_estimate(
     generator: Optional[torch.Generator] = None,
     num_tokens: Optional[int] = None,
     sync: bool = True,
+    clip_norm: Optional[float] = None,
 ) -> bool:
     """Sophia-G's Gauss-Newton-Bartlett estimate ĥ = B·ĝ⊙ĝ from an existing forward pass.
 
@@ -364,10 +400,20 @@ def sophia_gnb_estimate(
         sync: under ``torch.distributed``, average ĝ over ranks and count B over all of them, as
             the official DDP loop does (the ranks' h stay identical). Params are assumed
             replicated (DDP), not sharded.
+        clip_norm: clip ĝ (over all the estimated parameters together, after the average over
+            ranks) to this total 2-norm before squaring, as the authors' training loop does with
+            ``clip_grad_norm_(model.parameters(), 1.0)`` before ``update_hessian``. Default None:
+            no clipping (this pack's behaviour so far; pass 1.0 for the reference's).
+
+    Non-finite logits (a NaN/Inf, where ``torch.multinomial`` would fail) skip the estimate: h is
+    left as it was, the skip is counted in ``Sophia.skipped_estimates`` and reported to
+    ``pop_nonfinite_skips`` (so the Lightning ``NonFiniteGuard`` acts on it), and False is returned.
 
     Returns:
         True when h was updated.
     """
+    if clip_norm is not None:
+        check_range("clip_norm", clip_norm, 0.0, math.inf, lo_open=True)
     if not isinstance(logits, Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor of shape (..., V) with V ≥ 2 classes, got {got}")
@@ -377,8 +423,15 @@ def sophia_gnb_estimate(
     if not logits.requires_grad:
         raise ValueError("logits must be attached to the autograd graph (call from the training forward pass, not under no_grad)")
     flat = logits.reshape(-1, logits.shape[-1])
+    world = _world_size(sync)
     with torch.no_grad():
         probs = torch.softmax(flat.detach().float(), dim=-1)
+        bad = (~torch.isfinite(probs)).any().float()
+        if world > 1:  # every rank skips together (the all-reduce below needs them all)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bool(bad):
+            _skip_estimate(targets)
+            return False
         y_hat = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         del probs
     with torch.enable_grad():
@@ -393,9 +446,11 @@ def sophia_gnb_estimate(
     batch = int(num_tokens) if num_tokens is not None else y_hat.numel()
     if batch < 1:
         raise ValueError(f"num_tokens must be ≥ 1, got {batch}")
-    world = _world_size(sync)
     present = [g for g in grads if g is not None]
     _average_over_ranks(present, world)
+    if present and clip_norm is not None:
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(present)]))
+        torch._foreach_mul_(present, (clip_norm / (total + 1e-6)).clamp(max=1.0).to(present[0].dtype))
     if present:
         squares = torch._foreach_mul(present, present)
         torch._foreach_mul_(squares, float(batch * world))

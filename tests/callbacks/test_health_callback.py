@@ -380,3 +380,17 @@ def test_figure_panels_group_layers_and_pool_vectors():
     assert role == "hidden" and len(curves) == 25 and curves[3][0][4] == 8.0
     role, (pooled,) = panels["2 vectors pooled: min, mean quantiles, max"]
     assert role == "norm" and pooled[0] == pytest.approx([0.1, 2.0, 3.0, 4.0, 9.0])
+
+
+def test_roles_follow_the_specs_role_patterns():
+    from lightning_optlab import OptimizerSpec
+    from lightning_optlab.callbacks.health import module_roles
+    from lightning_optlab.lit import CausalLMModule
+    from lightning_optlab.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    plain = CausalLMModule(model, OptimizerSpec(name="adamw"))
+    assert module_roles(plain)["model.wpe.weight"] == "embedding"
+    patterned = CausalLMModule(model, OptimizerSpec(name="adamw", role_patterns={r"\.wpe\.": "norm"}))
+    roles = module_roles(patterned)
+    assert roles["model.wpe.weight"] == "norm" and roles["model.wte.weight"] == "embedding"

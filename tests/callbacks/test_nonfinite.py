@@ -15,7 +15,7 @@ from lightning_optlab import OptimizerSpec
 from lightning_optlab.callbacks.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_indices
 from lightning_optlab.lit import CausalLMModule
 from lightning_optlab.models import GPT, GPTConfig
-from lightning_optlab.optim import available_optimizers
+from lightning_optlab.optim import available_optimizers, get_optimizer_class
 
 READOUT = "model.lm_head.weight"
 
@@ -23,8 +23,9 @@ SPECS = {name: dict(name=name, lr=3e-3, weight_decay=0.1) for name in available_
 SPECS["sgd"] = dict(name="sgd", lr=0.1, betas=(0.9, 0.0))
 SPECS["adam_mini"] = dict(name="adam_mini", lr=3e-3, hparams={"n_heads": 2})
 SPECS["sophia"] = dict(name="sophia", lr=1e-3)  # Hessian estimates at steps 0, 10, ...: not at the skipped step
-if "muon" in SPECS:  # Muon takes hidden matrices only; the rest goes to AdamW
-    SPECS["muon"] = dict(name="muon", lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"])])
+for _name in list(SPECS):  # matrix-only methods (Muon) take hidden matrices; the rest goes to AdamW
+    if get_optimizer_class(_name).traits.matrix_only:
+        SPECS[_name] = dict(name=_name, lr=0.02, mix=[dict(optimizer="adamw", roles=["embedding", "readout", "norm", "bias"])])
 SPECS["sgd+adalayer"] = dict(name="sgd", lr=0.1, betas=(0.98, 0.0),
                              mix=[dict(optimizer="adalayer", roles=["readout", "norm"], lr=3e-3)])
 
@@ -342,3 +343,30 @@ def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path):
     good = torch.load(ckpt_dir / "step=2.ckpt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
     assert guard.events[-1]["where"] == "checkpoint" and guard.events[-1]["step"] == 4
+
+
+# --- skips made by the optimizer itself ------------------------------------------------------------
+
+SKIPPING = [n for n in available_optimizers() if get_optimizer_class(n).traits.nonfinite == "skip"]
+HIDDEN = "model.blocks.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("name", SKIPPING)
+def test_a_gradient_the_optimizer_skips_makes_the_guard_raise_at_its_default_rate(tmp_path, name):
+    """SOAP, Shampoo and Muon skip a NaN gradient themselves (nonfinite='skip'); at a step the guard
+    does not check (default rate: every 20th) it still learns of the skip and raises, naming it."""
+    assert set(SKIPPING) >= {"soap", "shampoo", "muon"}
+    guard = NonFiniteGuard(action="raise")
+    trainer = _trainer(tmp_path, [NaNGradient(at=3, name=HIDDEN), guard], max_steps=8)
+    with pytest.raises(NonFiniteError, match=r"step 3 .*parameter model\.blocks\.0\.mlp\.up_proj\.weight \(skipped by the optimizer\)"):
+        trainer.fit(_module(SPECS[name]), _data())
+    assert guard.events[-1]["step"] == 3 and trainer.global_step == 3
+
+
+def test_a_gradient_the_optimizer_skips_is_recorded_under_skip(tmp_path):
+    guard = NonFiniteGuard(action="skip", check_every_n_steps=5)
+    trainer = _trainer(tmp_path, [NaNGradient(at=3, name=HIDDEN), guard], max_steps=6)
+    with pytest.warns(UserWarning, match="skipped the update of step 3"):
+        trainer.fit(_module(SPECS["soap"]), _data())
+    assert [e["step"] for e in guard.events] == [3] and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())

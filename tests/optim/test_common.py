@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_optlab.optim import available_optimizers, get_optimizer_class
+from lightning_optlab.optim.base import NonFiniteGradientError
 
 # name -> constructor kwargs for these toy problems. Adding an optimizer adds one row here.
 CASES: dict[str, dict] = {
@@ -27,11 +28,11 @@ CASES: dict[str, dict] = {
     "muon": dict(lr=0.05),
 }
 
-# Optimizers whose first step only initializes state (SOAP, as its authors' reference does).
-FIRST_STEP_INITIALIZES = {"soap"}
-
-# Optimizers for matrices only (embeddings, norms and biases go to AdamW through the per-role mix).
-MATRIX_ONLY = {"muon"}
+# Read from the optimizers' declared traits: those whose first step only initializes state (SOAP,
+# as its authors' reference does), and those for matrices only (Muon: embeddings, norms and biases
+# go to AdamW through the per-role mix).
+FIRST_STEP_INITIALIZES = {n for n in CASES if get_optimizer_class(n).traits.first_step_initializes}
+MATRIX_ONLY = {n for n in CASES if get_optimizer_class(n).traits.matrix_only}
 
 
 def _eval_mode(opt):
@@ -125,32 +126,46 @@ def test_step_calls_the_closure_once_and_returns_its_loss(name):
     assert any(not torch.equal(a, p) for a, p in zip(before, params)), "step with a closure did not move the parameters"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_state_dict_round_trip_continues_bit_identically(name):
-    params, loss_fn = _quadratic(seed=3, name=name)
+def _resumed_run_matches(name, dtype=torch.float32):
+    """7 steps, save, 6 more; a fresh optimizer loading the saved state from the saved weights takes
+    the same 6 steps bit for bit. Returns the first optimizer (after its 7 + 6 steps)."""
     cls = get_optimizer_class(name)
-    opt = cls(params, **CASES[name])
 
-    def run(o, ps, lf, n):
+    def problem():
+        params, loss_fn = _quadratic(seed=3, name=name)
+        with torch.no_grad():
+            for p in params:
+                p.data = p.data.to(dtype)
+        return params, (lambda: loss_fn().float())
+
+    def run(o, lf, n):
         for _ in range(n):
             o.zero_grad()
             lf().backward()
             o.step()
 
-    run(opt, params, loss_fn, 7)
+    params, loss_fn = problem()
+    opt = cls(params, **CASES[name])
+    run(opt, loss_fn, 7)
     saved_state = copy.deepcopy(opt.state_dict())
     saved_params = [p.detach().clone() for p in params]
-    run(opt, params, loss_fn, 6)
+    run(opt, loss_fn, 6)
 
-    params2, loss_fn2 = _quadratic(seed=3, name=name)
+    params2, loss_fn2 = problem()
     with torch.no_grad():
         for p, s in zip(params2, saved_params):
             p.copy_(s)
     opt2 = cls(params2, **CASES[name])
     opt2.load_state_dict(saved_state)
-    run(opt2, params2, loss_fn2, 6)
+    run(opt2, loss_fn2, 6)
     for a, b in zip(params, params2):
-        assert torch.equal(a, b), f"{name}: resumed run differs by {(a - b).abs().max().item():.3e}"
+        assert torch.equal(a, b), f"{name}: resumed run differs by {(a.float() - b.float()).abs().max().item():.3e}"
+    return opt
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_dict_round_trip_continues_bit_identically(name):
+    _resumed_run_matches(name)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -211,3 +226,158 @@ def test_bad_values_in_a_param_group_are_rejected(name, key, bad):
     with pytest.raises(ValueError, match=key):
         opt.add_param_group({"params": [params[1]], key: bad})
     assert len(opt.param_groups) == 1  # the bad group was not added
+
+
+def test_traits_match_what_the_optimizers_do():
+    assert FIRST_STEP_INITIALIZES == {"soap"} and MATRIX_ONLY == {"muon"}
+
+
+def _steps(opt, params, loss_fn, n):
+    for _ in range(n):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+
+
+# --- the non-finite policy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nonfinite_skip_leaves_the_parameter_and_its_state_and_reports_it(name):
+    params, loss_fn = _quadratic(name=name)
+    opt = get_optimizer_class(name)(params, **{**CASES[name], "nonfinite": "skip"})
+    _steps(opt, params, loss_fn, 3)
+    before_p = [p.detach().clone() for p in params]
+    before_s = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    loss_fn().backward()
+    params[0].grad[1, 2] = float("nan")
+    opt.step()
+    assert torch.equal(params[0], before_p[0]), f"{name}: the parameter with a NaN gradient moved"
+    assert not torch.equal(params[1], before_p[1]), f"{name}: the finite parameter did not step"
+    after = {k: v for k, v in opt.state_dict()["state"].get(0, {}).items() if k != "nonfinite_skips"}
+    assert _same(after, {k: v for k, v in before_s.get(0, {}).items() if k != "nonfinite_skips"}), name
+    assert params[0].grad is not None and torch.isnan(params[0].grad).any()  # the gradient is put back
+    assert opt.nonfinite_skips == 1
+    assert opt.pop_nonfinite_skips() == ["parameter group0.param0"] and opt.pop_nonfinite_skips() == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nonfinite_raise_names_the_parameter_and_changes_nothing(name):
+    params, loss_fn = _quadratic(name=name)
+    named = [("w.first", params[0]), ("w.second", params[1])]
+    opt = get_optimizer_class(name)(named, **{**CASES[name], "nonfinite": "raise"})
+    _steps(opt, params, loss_fn, 2)
+    before = [p.detach().clone() for p in params]
+    opt.zero_grad()
+    loss_fn().backward()
+    params[1].grad.view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradient in parameter 'w\.second'"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nonfinite_is_a_group_option_with_the_declared_default(name):
+    params, loss_fn = _quadratic(name=name)
+    cls = get_optimizer_class(name)
+    opt = cls([{"params": [params[0]], "nonfinite": "ignore"}, {"params": [params[1]]}], **CASES[name])
+    assert [g["nonfinite"] for g in opt.param_groups] == ["ignore", cls.traits.nonfinite]
+    _steps(opt, params, loss_fn, 2)
+    opt.zero_grad()
+    loss_fn().backward()
+    params[0].grad.view(-1)[0] = float("nan")
+    opt.step()  # "ignore": not checked, not skipped
+    assert opt.pop_nonfinite_skips() == [] and opt.nonfinite_skips == 0
+
+
+# --- the sharding policy ---------------------------------------------------------------------------
+
+
+class _Placement:
+    def __init__(self, shard):
+        self.shard = shard
+
+    def is_shard(self):
+        return self.shard
+
+    def is_replicate(self):
+        return not self.shard
+
+    def __repr__(self):
+        return "Shard(dim=0)" if self.shard else "Replicate()"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sharded_parameters_are_refused_by_methods_needing_whole_tensors_and_replicated_ones_accepted(name):
+    cls = get_optimizer_class(name)
+    params, _ = _quadratic(name=name)
+    params[0].placements = (_Placement(shard=False),)  # a replicated DTensor holds the whole tensor
+    cls(params, **CASES[name])
+    params[0].placements = (_Placement(shard=True),)
+    if cls.traits.whole_tensors:
+        with pytest.raises(ValueError, match=r"needs whole tensors on every rank, but parameter 'group0.param0' is a DTensor"):
+            cls(params, **CASES[name])
+    else:  # an elementwise update is the same on a shard
+        cls(params, **CASES[name])
+
+
+# --- low-precision state ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bfloat16_parameters_state_dtype_and_round_trip(name):
+    """bf16 parameters: state in float32 where the optimizer declares float32 state (kept so by
+    load_state_dict), else in bf16; the resumed run is bit-identical either way."""
+    opt = _resumed_run_matches(name, torch.bfloat16)
+    want = torch.float32 if get_optimizer_class(name).traits.float32_state else torch.bfloat16
+    for st in opt.state.values():
+        for key, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1:
+                assert v.dtype == want, f"{name}: state {key!r} is {v.dtype}, expected {want}"
+
+
+# --- per-group validation of every declared hyperparameter -----------------------------------------
+
+
+def _declared(name):
+    return [(name, key) for key in get_optimizer_class(name).hparams_class.names()]
+
+
+@pytest.mark.parametrize("name, key", [nk for n in sorted(CASES) for nk in _declared(n)])
+def test_every_declared_hyperparameter_is_validated_per_group(name, key):
+    params, _ = _quadratic(name=name)
+    cls = get_optimizer_class(name)
+    with pytest.raises(ValueError, match=rf"param group 0: .*{key}"):
+        cls([{"params": [params[0]], key: "not a value"}, {"params": [params[1]]}], **CASES[name])
+    opt = cls([params[0]], **CASES[name])
+    with pytest.raises(ValueError, match=rf"param group 1: .*{key}"):
+        opt.add_param_group({"params": [params[1]], key: "not a value"})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CASES) if "precondition_frequency" in get_optimizer_class(n).hparams_class.names()])
+def test_precondition_frequency_zero_in_a_param_group_fails_validation(name):
+    params, _ = _quadratic(name=name)
+    with pytest.raises(ValueError, match="param group 1: precondition_frequency must be an integer ≥ 1, got 0"):
+        get_optimizer_class(name)([{"params": [params[0]]}, {"params": [params[1]], "precondition_frequency": 0}],
+                                  **CASES[name])
+
+
+def _same(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_every_registered_optimizer_has_a_docs_entry():
+    """Adding an optimizer adds its section to docs/optimizers.md (CONVENTIONS.md item 4)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
+    missing = [n for n in available_optimizers() if f"\n## `{n}`" not in text]
+    assert not missing, f"no '## `name`' section in docs/optimizers.md for {missing}"

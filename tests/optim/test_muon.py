@@ -149,7 +149,7 @@ def test_sharded_parameters_are_refused():
     try:
         mesh = init_device_mesh("cpu", (1,))
         w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"Muon needs whole matrices on every rank, but parameter 'param0 of its group' is a DTensor"):
+        with pytest.raises(ValueError, match=r"Muon needs whole tensors on every rank, but parameter 'group0.param0' is a DTensor"):
             Muon([w])
     finally:
         dist.destroy_process_group()
@@ -172,7 +172,7 @@ def test_sharded_parameters_are_refused():
         (dict(scale="match_rms_adamw"), "scale must be one of 'rms_match', 'original'"),
         (dict(ns_coefficients=(1.0, 2.0)), "ns_coefficients must be three finite numbers"),
         (dict(ns_dtype="half"), "ns_dtype must be one of"),
-        (dict(nonfinite="ignore"), "nonfinite must be 'skip' or 'raise'"),
+        (dict(nonfinite="zero"), "nonfinite must be one of 'skip', 'raise', 'ignore', got 'zero'"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match):
@@ -295,3 +295,20 @@ def test_configure_routes_non_hidden_roles_to_adamw(tiny_lm, lm_batch, monkeypat
     with pytest.raises(ValueError, match="Muon orthogonalizes 2-D hidden weight matrices only"):
         with pytest.warns(UserWarning, match="Muon was given the"):  # embedding and readout
             lightning_optlab.configure(tiny_lm, "muon", lr=0.02)  # without the mix the norms reach Muon
+
+
+def test_auto_ns_dtype_follows_the_cpu_bf16_flags(tmp_path, monkeypatch):
+    from lightning_optlab.optim import muon as muon_module
+
+    with_units, without = tmp_path / "amd", tmp_path / "old"
+    with_units.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert muon_module.cpu_has_bf16_units(str(with_units)) is True
+    assert muon_module.cpu_has_bf16_units(str(without)) is False
+    assert muon_module.cpu_has_bf16_units(str(tmp_path / "missing")) is False
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(muon_module, "cpu_has_bf16_units", lambda: True)
+    assert muon_module._ns_dtype("auto", cpu) == torch.bfloat16 and muon_module._ns_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(muon_module, "cpu_has_bf16_units", lambda: False)
+    assert muon_module._ns_dtype("auto", cpu) == torch.float32
+    assert muon_module._ns_dtype("auto", torch.device("cuda")) == torch.bfloat16

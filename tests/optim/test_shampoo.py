@@ -380,7 +380,7 @@ def test_sharded_parameters_are_refused_and_flattened_views_warned():
         (dict(grafting="adamw"), "grafting must be one of 'adam', 'adagrad', 'rmsprop', 'sgd', 'none', got 'adamw'"),
         (dict(root="svd"), "root must be one of 'eigh', 'newton'"),
         (dict(root="newton", exponent=0.3), "exponent must be 1/p"),
-        (dict(nonfinite="ignore"), "nonfinite must be one of 'skip', 'raise'"),
+        (dict(nonfinite="zero"), "nonfinite must be one of 'skip', 'raise', 'ignore', got 'zero'"),
         (dict(graft_beta2=1.0), r"graft_beta2 must be in \[0, 1\)"),
         (dict(graft_eps=-1.0), "graft_eps must be > 0"),
         (dict(merge_dims=1), "merge_dims must be True or False"),

@@ -394,3 +394,39 @@ def test_gnb_under_data_parallelism_averages_the_sampled_gradient(tmp_path):
         grads.append(torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 5), y_hat), lin.weight)[0])
     g_mean = (grads[0] + grads[1]) / 2
     torch.testing.assert_close(h0, 0.01 * 12 * g_mean**2, rtol=1e-5, atol=1e-9)
+
+
+def test_gnb_clips_the_sampled_gradient_like_the_reference_loop():
+    lin, frozen, unused, x, y = _softmax_problem()
+    opt = Sophia([lin.weight, lin.bias], lr=0.01, update_period=1)
+    _step_once(opt, [lin.weight, lin.bias])
+    logits = lin(x)
+    assert sophia_gnb_estimate(opt, logits, generator=torch.Generator().manual_seed(7), clip_norm=0.01)
+    probs = torch.softmax(logits.detach().reshape(-1, 5), -1)
+    y_hat = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).squeeze(-1)
+    b = y_hat.numel()
+    delta = (probs - F.one_hot(y_hat, 5).to(probs)) / b
+    g_w, g_b = delta.T @ x.reshape(-1, 4), delta.sum(0)
+    total = torch.sqrt(g_w.pow(2).sum() + g_b.pow(2).sum())
+    assert total > 0.02  # the clip binds
+    c = 0.01 / (total + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient
+    torch.testing.assert_close(opt.state[lin.weight]["hessian"], 0.01 * b * (c * g_w) ** 2, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(opt.state[lin.bias]["hessian"], 0.01 * b * (c * g_b) ** 2, rtol=1e-5, atol=1e-10)
+    with pytest.raises(ValueError, match="clip_norm must be in"):
+        sophia_gnb_estimate(opt, lin(x), clip_norm=0.0)
+
+
+def test_gnb_skips_and_counts_an_estimate_from_non_finite_logits():
+    lin, frozen, unused, x, y = _softmax_problem()
+    opt = Sophia([lin.weight, lin.bias], lr=0.01, update_period=1)
+    _step_once(opt, [lin.weight, lin.bias])
+    h = [opt.state[p]["hessian"].clone() for p in (lin.weight, lin.bias)]
+    logits = lin(x)
+    logits = logits + torch.where(torch.arange(logits.numel()).view_as(logits) == 3, float("nan"), 0.0)
+    assert sophia_gnb_estimate(opt, logits) is False  # torch.multinomial would have raised
+    assert all(torch.equal(opt.state[p]["hessian"], v) for p, v in zip((lin.weight, lin.bias), h))
+    assert opt.skipped_estimates == 1
+    assert opt.pop_nonfinite_skips() == ["Sophia's Hessian estimate (non-finite logits)"]
+    assert sophia_gnb_estimate(opt, lin(x)) is False  # visited at this step count: not retried
+    _step_once(opt, [lin.weight, lin.bias])
+    assert sophia_gnb_estimate(opt, lin(x)) is True and opt.skipped_estimates == 1
