@@ -204,7 +204,7 @@ def _tokenize_unit(task: tuple[int, str, list | None]) -> dict:
             reader = ShardReader((), sources=s["sources"], max_warnings=_MAX_WARNINGS, _files=[Path(where)])
             docs: Iterable = ((d.text, d.source) for d in reader)
         else:
-            reader, docs = None, texts
+            reader, docs = None, iter(texts)
         for batch in iter(lambda: list(itertools.islice(docs, _ENCODE_BATCH)), []):  # noqa: B023
             ids = tok.encode_batch([t for t, _ in batch])
             for split in ("train", "val"):

@@ -243,3 +243,28 @@ def test_lightning_resume_from_token_shards(tmp_path, workers):
     assert len(after) == 4 and all(torch.equal(a, b) for a, b in zip(seen[3:], after))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_prepare_from_a_hub_stream_in_chunks(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"text": f"hub document {i}", "meta": {"redpajama_set_name": "RedPajamaWikipedia"}} for i in range(7)]
+    rows.insert(3, {"no_text": 1})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
+    with pytest.raises(ValueError, match="--allow-download"):
+        PrepareConfig(inputs=["hub:cerebras/SlimPajama-627B"], out=str(tmp_path / "o"))
+    index = prepare(PrepareConfig(inputs=["hub:cerebras/SlimPajama-627B"], out=str(tmp_path / "o"),
+                                  allow_download=True, hub_docs_per_shard=3, val_fraction=0.0, progress=False))
+    assert [s["documents"] for s in index["splits"]["train"]["shards"]] == [3, 3, 1]
+    assert index["read"]["corrupt_lines"] == 1
+    tok = ByteTokenizer()
+    stream = TokenShards(tmp_path / "o").tokens(0, index["splits"]["train"]["tokens"]).tolist()
+    assert stream == [i for r in rows if "text" in r for i in tok.encode(r["text"]) + [tok.eos_id]]
+
+
+def test_optlab_data_is_a_subcommand(tmp_path, capsys):
+    from lightning_optlab.cli import main
+
+    _prepare(tmp_path)
+    assert main(["data", "info", str(tmp_path / "out")]) == 0
+    assert "train:" in capsys.readouterr().out
