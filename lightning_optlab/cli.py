@@ -35,13 +35,14 @@ _DELEGATED = {
     "eval": ("lightning_optlab.eval.cli", "zero-shot evaluation (ARC, HellaSwag, MMLU) of a checkpoint through lm-eval"),
     "sweep": ("lightning_optlab.sweep.cli", "run a recipe's grid (optimizers x hyperparameters x seeds), locally or on SLURM"),
     "report": ("lightning_optlab.sweep.cli", "plots and tables of a sweep folder: loss vs LR, stability width"),
+    "data": ("lightning_optlab.data.cli", "prepare SRC... --tokenizer T --out DIR: tokenize once into token shards"),
 }
 
 
 def _top_help() -> str:
     names = ", ".join(available_optimizers())
     lines = [
-        "usage: optlab {fit,validate,test,check,sweep,report,mup,eval,demo,optimizers} ...",
+        "usage: optlab {fit,validate,test,check,sweep,report,data,mup,eval,demo,optimizers} ...",
         "",
         "lightning_optlab: train language models with modern optimizers and compare them honestly.",
         "",

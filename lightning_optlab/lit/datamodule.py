@@ -28,7 +28,7 @@ __all__ = ["LMDataModule"]
 
 
 class LMDataModule(L.LightningDataModule):
-    """Language-model batches from local SlimPajama/C4 shards, the embedded corpus, or (opt-in) the hub.
+    """Language-model batches from local SlimPajama/C4 shards, prepared token shards, the embedded corpus, or the hub.
 
     Every argument is a field of :class:`lightning_optlab.data.DataConfig` (documented there)::
 
@@ -37,16 +37,17 @@ class LMDataModule(L.LightningDataModule):
         model = GPT(GPTConfig(vocab_size=dm.vocab_size, block_size=128))
         trainer.fit(CausalLMModule(model, spec), datamodule=dm)
 
-    After ``setup`` the tokenizer is also written as ``tokenizer.json`` into the trainer's log
+    ``data=DIR``, a directory made by ``optlab data prepare``, reads its token shards by position
+    (its own tokenizer; a resume costs nothing). After ``setup`` the tokenizer is also written as ``tokenizer.json`` into the trainer's log
     directory (or ``default_root_dir``), beside the run, for evaluation to reload.
     """
 
     def __init__(self, *, data: str | list[str] = "embedded", val_data: str | list[str] | None = None,
-                 sources: list[str] | None = None, tokenizer: str = "bytes", eos_token: str = "<|endoftext|>",
+                 sources: list[str] | None = None, tokenizer: str | None = None, eos_token: str = "<|endoftext|>",
                  vocab_size: int = 4096,
                  bpe_train_chars: int = 20_000_000, seq_len: int = 128, batch_size: int = 16, num_workers: int = 0,
                  val_fraction: float | None = None, val_batches: int = 8, shuffle_buffer: int = 0,
-                 shard_by: str = "auto", seed: int = 0, work_dir: str = "optlab_runs/data",
+                 shard_by: str = "auto", shuffle: bool = False, seed: int = 0, work_dir: str = "optlab_runs/data",
                  allow_download: bool = False, hub_split: str = "train") -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,7 +56,7 @@ class LMDataModule(L.LightningDataModule):
             vocab_size=vocab_size,
             bpe_train_chars=bpe_train_chars, seq_len=seq_len, batch_size=batch_size, num_workers=num_workers,
             val_fraction=val_fraction, val_batches=val_batches, shuffle_buffer=shuffle_buffer, shard_by=shard_by,
-            seed=seed, work_dir=work_dir, allow_download=allow_download, hub_split=hub_split)
+            shuffle=shuffle, seed=seed, work_dir=work_dir, allow_download=allow_download, hub_split=hub_split)
         self.pipeline = DataPipeline(self.config)
         #: training batches handed to the training loop so far (the stream position)
         self.batches_consumed = 0

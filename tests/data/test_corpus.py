@@ -44,3 +44,38 @@ def test_write_shards_plain_and_contiguous(tmp_path):
     assert [p.name for p in paths] == ["x_0.jsonl", "x_1.jsonl", "x_2.jsonl"]
     assert [len(p.read_text().splitlines()) for p in paths] == [3, 3, 4]
     assert [d.text for d in ShardReader(paths)] == [r["text"] for r in recs]
+
+
+def test_stdlib_sources_are_a_second_source_set(tmp_path):
+    from lightning_optlab.data import SOURCE_SET_NAME, DataConfig, parse_embedded, stdlib_sources
+
+    files = stdlib_sources()
+    paths = [p for p, _ in files]
+    assert paths == sorted(paths) and len(files) > 300
+    assert sum(len(t) for _, t in files) > 5_000_000  # several million tokens for a ~0.5M-parameter model
+    assert not any("/test/" in f"/{p}" or p.split("/")[-1].startswith("test_") for p in paths)
+    assert "json/decoder.py" in paths and "def " in dict(files)["json/decoder.py"]
+    assert parse_embedded("embedded") == (EMBEDDED_SET_NAME,)
+    assert parse_embedded("embedded:all") == (EMBEDDED_SET_NAME, SOURCE_SET_NAME)
+    assert parse_embedded("/data/x") is None
+    with pytest.raises(ValueError, match="unknown embedded source set"):
+        DataConfig(data="embedded:CPythonTests")
+
+
+def test_sources_filter_picks_an_embedded_set(tmp_path, monkeypatch):
+    import lightning_optlab.data.corpus as corpus
+    from lightning_optlab.data import SOURCE_SET_NAME, DataConfig, DataPipeline
+
+    few = corpus.stdlib_sources()[:6]  # a slice keeps the test fast
+    monkeypatch.setattr(corpus, "stdlib_sources", lambda root=None: few)
+    pipe = DataPipeline(DataConfig(data="embedded:all", sources=[SOURCE_SET_NAME], val_fraction=0.0, val_batches=0,
+                                   work_dir=str(tmp_path)))
+    pipe.setup()
+    docs = list(pipe._train_reader)
+    assert [d.text for d in docs] == [t for _, t in few] and {d.source for d in docs} == {SOURCE_SET_NAME}
+    meta = corpus.embedded_records(SOURCE_SET_NAME)[0]["meta"]
+    assert meta["python"] and meta["path"] == few[0][0]
+    assert len(list(tmp_path.glob(f"embedded-CPythonSource-{meta['python']}/train/chunk1/*.jsonl.zst"))) == 16
+    default = DataPipeline(DataConfig(data="embedded", val_batches=0, work_dir=str(tmp_path)))
+    default.setup()
+    assert {d.source for d in default._train_reader} == {EMBEDDED_SET_NAME}  # the default is unchanged
