@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Mapping
 
 import lightning as L
@@ -15,7 +16,23 @@ from torchmetrics.text import Perplexity
 from ..configure import OptimizerSpec, configure
 from ..optim.sophia import sophia_gnb_estimate
 
-__all__ = ["CausalLMModule"]
+__all__ = ["CausalLMModule", "logits_of"]
+
+
+def logits_of(output: Any) -> Tensor:
+    """The ``(B, T, V)`` logits in a model's output: a tensor, the first element of a tuple/list, or
+    ``output.logits`` (Hugging Face's ``CausalLMOutput...``)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}, not logits: CausalLMModule takes a model whose forward(ids) "
+        "returns the (B, T, V) logits as a tensor, a tuple starting with them, or an object with `.logits`"
+    )
 
 
 class CausalLMModule(L.LightningModule):
@@ -33,7 +50,19 @@ class CausalLMModule(L.LightningModule):
             :func:`lightning_optlab.mup.build_mup_model` in ``configure_model`` (μP config, base shapes,
             fan-in init) and the optimizer spec gets ``mup=True``. The base shapes are recomputed from
             the config at every start and stored in checkpoints; a resume with other base shapes fails.
-            With an ``nn.Module`` model the base shapes are attached as given (no re-initialization).
+            With an ``nn.Module`` model, ``mup`` is a base ``nn.Module`` (the same architecture at
+            the base width, e.g. built on ``meta``), a base-shapes mapping, or for a Hugging Face
+            model a base width (see :func:`lightning_optlab.mup.set_base_shapes`); the shapes are
+            attached as given (no re-initialization: :func:`lightning_optlab.mup.mup_hf_model`
+            builds a Hugging Face model in μP).
+        tokenizer: the model's own tokenizer (a ``transformers`` tokenizer or a
+            :class:`~lightning_optlab.data.TextTokenizer`), kept as ``self.tokenizer`` for the
+            zero-shot evaluation and ``optlab export``; without one these use the datamodule's.
+
+    Any model works whose ``forward(ids)`` returns the logits as a tensor, a tuple starting with
+    them, or an object with ``.logits`` (Hugging Face causal LMs: ``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``, ...; they are called with ``use_cache=False``). The loss is the pack's
+    shifted-target cross-entropy on batches ``(B, T + 1)``, not the model's own ``labels`` loss.
 
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
     (token-weighted, through torchmetrics). Sophia's Gauss-Newton-Bartlett estimator runs from the
@@ -41,20 +70,23 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
-                 sophia_seed: int = 0, mup: Any = None) -> None:
+                 sophia_seed: int = 0, mup: Any = None, tokenizer: Any = None) -> None:
         super().__init__()
         if isinstance(mup, Mapping) and "base" in mup:
             extra = sorted(set(mup) - {"base"})
             if extra:
                 raise ValueError(f"mup takes {{'base': ...}} only, got extra keys {extra}")
             mup = mup["base"]
-        self.mup_base = mup
+        # a plain attribute, not a submodule: a base nn.Module must not join this module's parameters
+        object.__setattr__(self, "mup_base", mup)
+        self.tokenizer = tokenizer
         spec = optimizer or OptimizerSpec()
         if mup is not None and not spec.mup:
             spec = dataclasses.replace(spec, mup=True)
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model
             self._model_spec = None
+            self._forward_kwargs = _forward_kwargs(model)
             if mup is not None:
                 from ..mup import set_base_shapes
 
@@ -62,6 +94,7 @@ class CausalLMModule(L.LightningModule):
         else:
             self.model = None
             self._model_spec = model
+            self._forward_kwargs = {}
             hparams = {"model": model if isinstance(model, (str, Mapping)) else repr(model)}
             if mup is not None:
                 hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
@@ -92,6 +125,7 @@ class CausalLMModule(L.LightningModule):
             self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
         else:
             self.model = build_model(self._model_spec, **overrides)
+        self._forward_kwargs = _forward_kwargs(self.model)
         seq_len = getattr(getattr(datamodule, "config", None), "seq_len", None)
         block = getattr(getattr(self.model, "config", None), "block_size", None)
         if isinstance(seq_len, int) and isinstance(block, int) and seq_len > block:
@@ -117,10 +151,21 @@ class CausalLMModule(L.LightningModule):
         if "model" in self.hparams:
             self.hparams["model"] = spec
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(datamodule, "vocab_size", None)
+        rows = _vocab_rows(self.model)
+        if isinstance(vocab, int) and rows is not None and vocab > rows:
+            raise ValueError(
+                f"the datamodule's tokenizer has {vocab} ids but the model's output has {rows} logits: build the model "
+                f"with vocab_size ≥ {vocab} (e.g. config.vocab_size = datamodule.vocab_size), or use the model's own "
+                "tokenizer for the data (LMDataModule(tokenizer='path/to/tokenizer.json'))"
+            )
+
     def forward(self, idx: Tensor) -> Tensor:
         if self.model is None:
             raise RuntimeError("the model is built in configure_model; call it (or fit) before forward")
-        return self.model(idx)
+        return logits_of(self.model(idx, **self._forward_kwargs))
 
     def _loss(self, logits: Tensor, targets: Tensor, train: bool) -> Tensor:
         if train and hasattr(self.model, "loss"):
@@ -188,6 +233,21 @@ class CausalLMModule(L.LightningModule):
             from ..mup import check_base_shapes
 
             check_base_shapes(self.model, saved)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``{"use_cache": False}`` for a model whose forward takes it (Hugging Face): training needs no KV cache."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _vocab_rows(model: nn.Module | None) -> int | None:
+    """The number of logits of a model that says (``config.vocab_size``), else None."""
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return rows if isinstance(rows, int) else None
 
 
 def _describe(opt: Mapping[str, Any]) -> str:
