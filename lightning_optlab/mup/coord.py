@@ -13,8 +13,12 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from mup.coord_check import _record_coords
 from torch import nn
+
+from .._extras import require
+
+require("mup")  # a one-line install hint when it is missing
+from mup.coord_check import _record_coords  # noqa: E402
 
 from .experiment import fixed_batches, width_model
 

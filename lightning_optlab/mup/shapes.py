@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import mup
 import torch
-from mup.infshape import InfShape
 from torch import nn
 
-from ..models import TransformerConfig, TransformerLM, build_model, resolve_config
+from .._extras import require
+
+mup = require("mup")  # a one-line install hint when it is missing
+from mup.infshape import InfShape  # noqa: E402
+
+from ..models import TransformerConfig, TransformerLM, build_model, resolve_config  # noqa: E402
 
 __all__ = [
     "WIDTH_FIELDS",
