@@ -290,6 +290,10 @@ def plan_param_groups(
     rewrite applied); nothing is constructed, so this also works on a model on the meta device.
     """
     model = _model_of(module_or_model)
+    if spec.mup:  # μP learning rates only for a μP forward pass (the readout multiplier)
+        from .mup.shapes import check_readout_multiplier
+
+        check_readout_multiplier(model)
     roles = classify_parameters(model, spec.role_patterns)
     mixed_roles = {role: part for part in spec.mix for role in part.roles}
     for role in mixed_roles:

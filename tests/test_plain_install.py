@@ -157,7 +157,7 @@ def test_a_shipped_recipe_sweeps_by_its_bare_name_and_the_demo_reports_without_l
     root, _ = installed
     sweep = _run(installed, "sweep", "lr_sweep", "--scale", "tiny", "--only", "adamw", "--set", "trainer.max_steps=2",
                  "--set", "trainer.val_check_interval=2", "--set", "data.val_batches=1",
-                 "--set", "sweep.checkpoint_every=null", "--no-report", "--out", "sweep")
+                 "--set", "sweep.checkpoint_every=1000", "--no-report", "--out", "sweep")
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
     assert (root / "cwd" / "sweep" / "results.csv").is_file()
     demo = _run(installed, "demo", "--steps", "2", "--optimizers", "adamw", "--out", "demo")

@@ -51,10 +51,11 @@ class CausalLMModule(L.LightningModule):
             fan-in init) and the optimizer spec gets ``mup=True``. The base shapes are recomputed from
             the config at every start and stored in checkpoints; a resume with other base shapes fails.
             With an ``nn.Module`` model, ``mup`` is a base ``nn.Module`` (the same architecture at
-            the base width, e.g. built on ``meta``), a base-shapes mapping, or for a Hugging Face
-            model a base width (see :func:`lightning_optlab.mup.set_base_shapes`); the shapes are
-            attached as given (no re-initialization: :func:`lightning_optlab.mup.mup_hf_model`
-            builds a Hugging Face model in μP).
+            the base width, e.g. built on ``meta``) or a base-shapes mapping (see
+            :func:`lightning_optlab.mup.set_base_shapes`); the shapes are attached as given, with no
+            re-initialization and no readout multiplier (the optimizer then refuses μP unless the
+            model has one). For a Hugging Face model, build it with
+            :func:`lightning_optlab.mup.mup_hf_model` and pass ``OptimizerSpec(mup=True)``.
         tokenizer: the model's own tokenizer (a ``transformers`` tokenizer or a
             :class:`~lightning_optlab.data.TextTokenizer`), kept as ``self.tokenizer`` for the
             zero-shot evaluation and ``optlab export``; without one these use the datamodule's.

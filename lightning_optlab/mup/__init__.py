@@ -29,7 +29,8 @@ _EXPORTS = {
     "check_base_shapes": "shapes", "fan_in_mults": "shapes", "infshapes": "shapes", "mup_config": "shapes",
     "require_base_shapes": "shapes", "set_base_shapes": "shapes", "width_mults": "shapes",
     "NOT_TRANSFERRED": "transfer", "transfer": "transfer",
-    "coord_check": "coord",
+    "coord_check": "coord", "coord_ratios": "coord", "mup_hf_model": "hf", "hf_base_shapes": "hf", "config_at_width": "hf",
+    "check_readout_multiplier": "shapes",
 }
 
 __all__ = sorted(_EXPORTS)
