@@ -33,7 +33,8 @@ set -e
 [ $rc_mup = 2 ] && grep -q "pip install --no-deps mup==1.0.0" mup.txt && ! grep -q Traceback mup.txt
 [ $rc_eval = 2 ] && grep -q "pip install 'lightning_optlab\[eval\]'" eval.txt && ! grep -q Traceback eval.txt
 $OPTLAB sweep lr_sweep --scale tiny --only adamw --set trainer.max_steps=2 --set trainer.val_check_interval=2 \
-    --set data.val_batches=1 --no-report --out sweep > sweep.txt 2>&1 || { cat sweep.txt; exit 1; }
+    --set data.val_batches=1 --set optimizer.warmup_steps=0 \
+    --set sweep.checkpoint_every=1000 --no-report --out sweep > sweep.txt 2>&1 || { cat sweep.txt; exit 1; }
 $OPTLAB demo --steps 2 --optimizers adamw --out demo > demo.txt 2>&1 || { cat demo.txt; exit 1; }
 grep -q "zero-shot table skipped" demo/report.md
 echo "plain install ok: $WORK"

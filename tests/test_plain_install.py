@@ -156,7 +156,7 @@ def test_recipes_list_show_copy_from_the_install(installed):
 def test_a_shipped_recipe_sweeps_by_its_bare_name_and_the_demo_reports_without_lm_eval(installed):
     root, _ = installed
     sweep = _run(installed, "sweep", "lr_sweep", "--scale", "tiny", "--only", "adamw", "--set", "trainer.max_steps=2",
-                 "--set", "trainer.val_check_interval=2", "--set", "data.val_batches=1",
+                 "--set", "trainer.val_check_interval=2", "--set", "data.val_batches=1", "--set", "optimizer.warmup_steps=0",
                  "--set", "sweep.checkpoint_every=1000", "--no-report", "--out", "sweep")
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
     assert (root / "cwd" / "sweep" / "results.csv").is_file()

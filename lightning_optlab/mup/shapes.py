@@ -341,10 +341,11 @@ def check_readout_multiplier(model: nn.Module) -> None:
     if shape is None or float(shape.width_mult()) == 1.0:
         return
     mult = float(shape.width_mult())
-    if isinstance(target, TransformerLM) and abs(target.config.logit_scale * mult - 1.0) < 1e-6 * mult:
-        return  # build_mup_model's logit_scale = base_width / width
-    if isinstance(target, TransformerLM) and target.config.logit_scale != 1.0:
-        return  # a multiplier set by hand (times the base's own logit_scale)
+    # a reference model (possibly inside a LightningModule) multiplies its logits by config.logit_scale:
+    # build_mup_model sets it to base_width / width (times the base's own); any value ≠ 1 is a multiplier
+    lms = [m for m in target.modules() if isinstance(m, TransformerLM) and any(p is weight for p in m.parameters())]
+    if lms and lms[0].config.logit_scale != 1.0:
+        return
     raise ValueError(
         f"the model has μP base shapes (width multiplier {mult:g}) but its readout {name!r} is a plain "
         f"{type(readout).__name__} without μP's 1/width output multiplier, so μP learning rates would train a "
