@@ -65,6 +65,8 @@ class CausalLMModule(L.LightningModule):
     ``GPT2LMHeadModel``, ...; they are called with ``use_cache=False``). The loss is the pack's
     shifted-target cross-entropy on batches ``(B, T + 1)``, not the model's own ``labels`` loss.
 
+    The hyperparameters (``hparams.yaml``) hold the optimizer spec beside the model, and
+    ``hp_metric`` is the latest validation loss, so TensorBoard's HPARAMS view compares runs.
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
     (token-weighted, through torchmetrics). Sophia's Gauss-Newton-Bartlett estimator runs from the
     training step's own logits every ``update_period`` steps (a no-op for every other optimizer).
@@ -81,6 +83,8 @@ class CausalLMModule(L.LightningModule):
         # a plain attribute, not a submodule: a base nn.Module must not join this module's parameters
         object.__setattr__(self, "mup_base", mup)
         self.tokenizer = tokenizer
+        if isinstance(optimizer, Mapping):  # as saved in the hyperparameters (load_from_checkpoint)
+            optimizer = OptimizerSpec(**optimizer)
         spec = optimizer or OptimizerSpec()
         if mup is not None and not spec.mup:
             spec = dataclasses.replace(spec, mup=True)
@@ -88,6 +92,8 @@ class CausalLMModule(L.LightningModule):
             self.model: nn.Module | None = model
             self._model_spec = None
             self._forward_kwargs = _forward_kwargs(model)
+            # the optimizer spec in hparams.yaml (TensorBoard's HPARAMS view compares runs by it)
+            self.save_hyperparameters({"optimizer": dataclasses.replace(spec).to_dict()})
             if mup is not None:
                 from ..mup import set_base_shapes
 
@@ -99,6 +105,7 @@ class CausalLMModule(L.LightningModule):
             hparams = {"model": model if isinstance(model, (str, Mapping)) else repr(model)}
             if mup is not None:
                 hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
+            hparams["optimizer"] = spec.to_dict()
             self.save_hyperparameters(hparams)
         self.spec = spec
         self.sophia_seed = sophia_seed
@@ -201,6 +208,11 @@ class CausalLMModule(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/ppl", self.val_ppl)
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        # TensorBoard's HPARAMS view compares runs by `hp_metric`: the latest validation loss
+        if not self.trainer.sanity_checking and self.val_loss.update_count > 0:
+            self.log("hp_metric", self.val_loss.compute())
 
     def configure_optimizers(self) -> Any:
         return configure(self, self.spec)
