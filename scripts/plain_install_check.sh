@@ -16,8 +16,11 @@ VPY=$WORK/venv/bin/python
 "$VPY" -m pip install -q --upgrade pip
 # the CPU build first (a local wheel when one is given), as scripts/setup.sh does
 if [ -n "${TORCH_WHEEL:-}" ]; then "$VPY" -m pip install -q "$TORCH_WHEEL"; else "$VPY" -m pip install -q "$TORCH"; fi
+rm -rf "$WORK/dist"
 "$VPY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
 "$VPY" -m pip install -q "$WORK"/dist/lightning_optlab-*.whl
+# a reused WORK_DIR may hold an older build of the same version: install this one
+"$VPY" -m pip install -q --no-deps --force-reinstall "$WORK"/dist/lightning_optlab-*.whl
 cd "$WORK"   # away from the checkout: only the installed wheel is importable
 export OMP_NUM_THREADS=1
 OPTLAB=$WORK/venv/bin/optlab
