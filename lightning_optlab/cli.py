@@ -36,13 +36,15 @@ _DELEGATED = {
     "sweep": ("lightning_optlab.sweep.cli", "run a recipe's grid (optimizers x hyperparameters x seeds), locally or on SLURM"),
     "report": ("lightning_optlab.sweep.cli", "plots and tables of a sweep folder: loss vs LR, stability width"),
     "data": ("lightning_optlab.data.cli", "prepare SRC... --tokenizer T --out DIR: tokenize once into token shards"),
+    "recipes": ("lightning_optlab.recipe_files", "list, show or copy the shipped recipes (optlab sweep lr_sweep runs one)"),
+    "export": ("lightning_optlab.export", "a checkpoint as a Hugging Face model folder (LlamaForCausalLM / GPT2LMHeadModel)"),
 }
 
 
 def _top_help() -> str:
     names = ", ".join(available_optimizers())
     lines = [
-        "usage: optlab {fit,validate,test,check,sweep,report,data,mup,eval,demo,optimizers} ...",
+        "usage: optlab {fit,validate,test,check,sweep,report,data,recipes,mup,eval,export,demo,optimizers} ...",
         "",
         "lightning_optlab: train language models with modern optimizers and compare them honestly.",
         "",
@@ -51,8 +53,8 @@ def _top_help() -> str:
         "--optimizer.name soap --optimizer.lr 3e-3",
         "  check                 dry run: build data, model and every optimizer of a recipe, no training",
     ]
-    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k not in ("mup", "eval")]
-    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k in ("mup", "eval")]
+    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k not in ("mup", "eval", "export")]
+    lines += [f"  {k:<21} {v[1]}" for k, v in _DELEGATED.items() if k in ("mup", "eval", "export")]
     lines += [
         "  demo                  train a tiny LLaMA on an embedded corpus with several optimizers and report",
         "  optimizers            list the registered optimizers and their aliases",
@@ -375,6 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0 if argv else 2
+    command = argv[0]
+    try:
+        return _dispatch(argv)
+    except ModuleNotFoundError as err:
+        from ._extras import missing_extra
+
+        hint = missing_extra(err)
+        if hint is None:
+            raise
+        print(f"optlab {command}: {hint}", file=sys.stderr)  # one line, no traceback
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command in ("demo", "optimizers"):
         return _demo_main(argv)

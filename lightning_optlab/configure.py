@@ -287,6 +287,10 @@ def plan_param_groups(
     rewrite applied); nothing is constructed, so this also works on a model on the meta device.
     """
     model = _model_of(module_or_model)
+    if spec.mup:  # μP learning rates only for a μP forward pass (the readout multiplier)
+        from .mup.shapes import check_readout_multiplier
+
+        check_readout_multiplier(model)
     roles = classify_parameters(model, spec.role_patterns)
     mixed_roles = {role: part for part in spec.mix for role in part.roles}
     for role in mixed_roles:
@@ -327,7 +331,24 @@ def plan_param_groups(
         if spec.mup:
             part_groups = _mup_groups(cls, part.optimizer, part_groups, kwargs, spec.lr)
         plan.append((cls, part.optimizer, _with_group_momentum(part_groups, kwargs), kwargs))
+    _name_groups(plan)
     return plan
+
+
+def _name_groups(plan: list[tuple[type, str, list[dict[str, Any]], dict[str, Any]]]) -> None:
+    """Give every group a unique ``name``, ``<role>/<optimizer>`` (``.1``, ``.2`` ... when μP splits a role
+    by multiplier), so that Lightning's ``LearningRateMonitor`` logs ``lr/<name>`` instead of ``lr/pgN``."""
+    seen: dict[str, int] = {}
+    for _, opt_name, groups, _ in plan:
+        for g in groups:
+            base = f"{g.get('role', 'group')}/{opt_name}"
+            seen[base] = seen.get(base, 0) + 1
+    counts: dict[str, int] = {}
+    for _, opt_name, groups, _ in plan:
+        for g in groups:
+            base = f"{g.get('role', 'group')}/{opt_name}"
+            counts[base] = counts.get(base, 0) + 1
+            g.setdefault("name", base if seen[base] == 1 else f"{base}.{counts[base]}")
 
 
 def _check_override_keys(overrides: Mapping[str, Mapping[str, Any]], roles: set[str], cls: type, name: str) -> None:

@@ -154,11 +154,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                  float(trainer.callback_metrics["val/loss"])))
 
     zeroshot = None
+    zeroshot_note = None
     if cfg.zeroshot:
         try:
             zeroshot = _ZeroShot(out / "zeroshot_tasks")
         except ImportError as err:  # lm-eval is the optional `eval` extra
-            print(f"zero-shot table skipped: {err} (pip install 'lightning_optlab[eval]')")
+            from ._extras import missing_extra
+
+            zeroshot_note = f"zero-shot table skipped: {missing_extra(err) or err}"
+            print(zeroshot_note)
     labels = cfg.optimizers or _default_selection()
     runs = [(lab, kw) for lab, kw in DEFAULT_RUNS if lab in labels]
     results: dict[str, Any] = {}
@@ -198,7 +202,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         }
         if zeroshot is not None:  # the module holds Schedule-Free's x here (the switch ran at train end)
             results[label]["zeroshot"] = zeroshot(module, dm.tokenizer)
-    _write_report(cfg, results, out)
+    _write_report(cfg, results, out, zeroshot_note=zeroshot_note)
     return results
 
 
@@ -206,6 +210,9 @@ class _ZeroShot:
     """Zero-shot accuracy on the shipped sample tasks; the tasks are prepared and loaded once."""
 
     def __init__(self, task_dir: Path) -> None:
+        from ._extras import require
+
+        require("lm_eval")  # the optional `eval` extra: the caller skips the table without it
         from .eval import SAMPLE_TASKS, TaskSet, prepare_samples
 
         prepare_samples(task_dir)
@@ -218,19 +225,19 @@ class _ZeroShot:
         return metrics_from_results(results, self.suite.names)
 
 
-def _zeroshot_lines(results: dict[str, Any]) -> list[str]:
-    from .eval import SAMPLE_TASKS, format_table
-
+def _zeroshot_lines(results: dict[str, Any], note: str | None = None) -> list[str]:
     rows = {label: r["zeroshot"] for label, r in results.items() if r.get("zeroshot")}
     if not rows:
-        return []
+        return ["", "## Zero-shot accuracy on the sample tasks", "", note] if note else []
+    from .eval import SAMPLE_TASKS, format_table
+
     return ["", "## Zero-shot accuracy on the sample tasks", "",
             "lm-eval (zero-shot, the built-in prompts and metrics) on the tiny ARC-Easy/ARC-Challenge/HellaSwag/"
             "MMLU sample files shipped with the package (6-11 questions each): a check that the evaluation "
             "runs on the trained models, not a benchmark result.", "", format_table(rows, SAMPLE_TASKS)]
 
 
-def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
+def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path, zeroshot_note: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +289,7 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
             f"{100 * r['optimizer_share']:.1f} % | {r['train_seconds']:.1f} |"
         )
     table_end = len(lines)
-    lines += _zeroshot_lines(results)
+    lines += _zeroshot_lines(results, zeroshot_note)
     lines += ["", "![validation loss](loss_curves.png)", ""]
     plots = [(label, r["health_plot"]) for label, r in ranked if r.get("health_plot")]
     if plots:
@@ -295,7 +302,7 @@ def _write_report(cfg: DemoConfig, results: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n" + "\n".join(lines[:table_end]))
-    zeroshot = _zeroshot_lines(results)
+    zeroshot = _zeroshot_lines(results, zeroshot_note)
     if zeroshot:
         print("\n".join(zeroshot))
     print(f"\nreport: {out / 'report.md'}   plot: {out / 'loss_curves.png'}   "

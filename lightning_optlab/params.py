@@ -4,14 +4,25 @@ Every parameter of an ``nn.Module`` gets one role:
 
 * ``embedding`` — token or position embeddings (``nn.Embedding`` weights, parameters named
   like ``wte``/``wpe``/``embed_tokens``/``pos_emb``); a readout weight tied to an embedding is
-  the same tensor and keeps the role ``embedding``;
+  the same tensor and keeps the role ``embedding``, so by default it is **not** decayed (GPT-2's tied
+  ``wte``); to decay it set ``overrides={"embedding": {"weight_decay": wd}}`` (every embedding), or give
+  it the readout's role and decay with ``role_patterns={r"wte\.weight$": "readout"}``;
 * ``readout`` — the layer that produces the logits: a module the model names as such
   (an ``optlab_readout = "<submodule name>"`` attribute on any module, mup's ``MuReadout``, a module named ``lm_head``/``readout``/
-  ``output``/``output_layer``/``head``/``unembed``/``classifier``), else the last ``nn.Linear`` registered in the module tree;
+  ``output``/``output_layer``/``head``/``unembed``/``classifier``), else (a guess, with a warning) the
+  last ``nn.Linear`` whose output size is the token embedding's row count (the vocabulary), else the
+  last ``nn.Linear`` registered in the module tree;
 * ``norm`` — weights and biases of normalization layers (any module whose class name contains
   ``Norm``: LayerNorm, RMSNorm, GroupNorm, BatchNorm, ...);
 * ``bias`` — other bias vectors and any other 0-/1-D parameter;
 * ``hidden`` — every other matrix (and ≥ 2-D tensor).
+
+A role guessed by a fallback rule (the readout as above; an embedding or position table recognized
+only by its name, e.g. a bare ``nn.Parameter`` named ``pos_emb``; any other bare ≥ 2-D
+``nn.Parameter``, taken as ``hidden``) warns, naming the parameter, the role given and the fix
+(``role_patterns``). Hugging Face ``Conv1D`` weights, stored ``(in_features, out_features)``, are
+tagged ``p.optlab_in_out = True`` for the optimizers that read a matrix's orientation (Muon's shape
+factor; Adam-mini refuses them: :func:`conv1d_to_linear` converts such a model exactly).
 
 User overrides are ``{regex: role}`` matched against the full parameter name with
 ``re.search``; the first matching pattern wins. A pattern that matches nothing warns.
@@ -29,7 +40,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["ROLES", "DECAYED_ROLES", "classify_parameters", "group_parameters", "readout_module_name", "validate_role"]
+__all__ = ["ROLES", "DECAYED_ROLES", "classify_parameters", "group_parameters", "readout_module_name", "validate_role",
+           "conv1d_to_linear"]
 
 #: every role, in the order groups are built
 ROLES: tuple[str, ...] = ("embedding", "hidden", "readout", "norm", "bias")
@@ -56,8 +68,14 @@ def readout_module_name(model: nn.Module) -> str | None:
 
     Rules in order of priority, each over the whole model before the next: a module that names its
     readout (``optlab_readout``), then mup's ``MuReadout``, then a ``Linear`` named like a readout
-    (``lm_head``, ``head``, ``output``, ...), then the last ``Linear``.
+    (``lm_head``, ``head``, ``output``, ...), then the last ``Linear`` with as many outputs as the
+    token embedding has rows, then the last ``Linear``.
     """
+    return _readout(model)[0]
+
+
+def _readout(model: nn.Module) -> tuple[str | None, str | None]:
+    """``(readout module name, None)`` when a rule named it, ``(name, why)`` when it is a guess."""
     modules = list(model.named_modules())
     for name, module in modules:
         # read it from the class or the instance itself, not through a wrapper's attribute
@@ -65,15 +83,52 @@ def readout_module_name(model: nn.Module) -> str | None:
         # readout relative to the wrong module)
         explicit = getattr(type(module), "optlab_readout", None) or vars(module).get("optlab_readout")
         if isinstance(explicit, str):
-            return f"{name}.{explicit}" if name else explicit
+            return (f"{name}.{explicit}" if name else explicit), None
     for name, module in modules:
         if type(module).__name__ == "MuReadout":
-            return name
-    linears = [name for name, module in modules if isinstance(module, nn.Linear)]
-    for name in linears:
+            return name, None
+    linears = [(name, module) for name, module in modules if isinstance(module, nn.Linear)]
+    for name, _ in linears:
         if _READOUT_NAMES.match(name.rsplit(".", 1)[-1]):
-            return name
-    return linears[-1] if linears else None
+            return name, None
+    vocab = {m.num_embeddings for _, m in modules if isinstance(m, nn.Embedding)}
+    sized = [name for name, m in linears if m.out_features in vocab]
+    if sized:
+        return sized[-1], "the last nn.Linear with one output per token-embedding row"
+    return (linears[-1][0], "the last nn.Linear of the model") if linears else (None, None)
+
+
+#: layer classes whose 2-D parameters are ordinary weights (a bare nn.Parameter elsewhere is a guess)
+_KNOWN_LAYERS = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Bilinear", "MultiheadAttention", "MuReadout",
+                 "MuSharedReadout", "NonDynamicallyQuantizableLinear")
+
+
+def _is_hf_conv1d(module: nn.Module | None) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in_features, out_features)."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
+            and w.shape[1] == getattr(module, "nf", None))
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every Hugging Face ``Conv1D`` of ``model`` by the equal ``nn.Linear`` (weight transposed), in place.
+
+    ``Conv1D(nf, nx)`` computes ``x @ W + b`` with ``W`` of shape (nx, nf); ``nn.Linear(nx, nf)`` with weight
+    ``Wᵀ`` computes the same. Optimizers that cut or scale a matrix by its rows (Adam-mini's blocks, Muon's
+    shape factor) then see the usual (out_features, in_features) layout; GPT-2's fused ``c_attn`` becomes a
+    ``[Q; K; V]`` row stack, which Adam-mini's ``qkv_pattern`` splits per head. Returns ``model``.
+    """
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if _is_hf_conv1d(child):
+                nx, nf = child.weight.shape
+                lin = nn.Linear(nx, nf, bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.T)
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, child_name, lin)
+    return model
 
 
 def classify_parameters(
@@ -100,11 +155,13 @@ def classify_parameters(
         except re.error as err:
             raise ValueError(f"role override pattern {pattern!r} is not a valid regex: {err}") from None
 
-    readout = readout_module_name(model)
+    readout, readout_guess = _readout(model)
     owner: dict[int, tuple[str, nn.Module]] = {}
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (mname, module))
+        if _is_hf_conv1d(module):
+            module.weight.optlab_in_out = True  # type: ignore[attr-defined]  # read by Muon / Adam-mini
 
     used: set[str] = set()
     roles: "OrderedDict[str, str]" = OrderedDict()
@@ -117,7 +174,16 @@ def classify_parameters(
                 role, _ = r, used.add(pattern)
                 break
         if role is None:
-            role = _automatic_role(name, p, owner.get(id(p)), readout)
+            role, guess = _automatic_role(name, p, owner.get(id(p)), readout)
+            if role == "readout" and readout_guess:
+                guess = readout_guess
+            if guess:
+                warnings.warn(
+                    f"parameter {name!r} got the role {role!r} by a guess ({guess}); name its role with role_patterns "
+                    f"to confirm or correct it, e.g. OptimizerSpec(role_patterns={{{_pattern_for(name)!r}: {role!r}}}) "
+                    f"(roles: {', '.join(ROLES)})",
+                    stacklevel=2,
+                )
         roles[name] = role
     for _, _, pattern in compiled:
         if pattern not in used:
@@ -129,19 +195,28 @@ def classify_parameters(
     return roles
 
 
-def _automatic_role(name: str, p: torch.Tensor, owner: tuple[str, nn.Module] | None, readout: str | None) -> str:
+def _pattern_for(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def _automatic_role(name: str, p: torch.Tensor, owner: tuple[str, nn.Module] | None,
+                    readout: str | None) -> tuple[str, str | None]:
+    """``(role, None)`` by a sure rule, ``(role, why)`` by a guess."""
     mname, module = owner if owner is not None else ("", None)
     if module is not None and _is_norm(module):
-        return "norm"
+        return "norm", None
     if module is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding"
+        return "embedding", None
+    bare = p.ndim >= 2 and module is not None and type(module).__name__ not in _KNOWN_LAYERS
     if _EMBEDDING_NAMES.search(name) and p.ndim >= 2:
-        return "embedding"
+        return "embedding", ("a bare nn.Parameter named like an embedding or position table" if bare else None)
     if readout is not None and mname == readout and p.ndim >= 2:
-        return "readout"
+        return "readout", None
     if p.ndim < 2:
-        return "bias"
-    return "hidden"
+        return "bias", None
+    if bare:
+        return "hidden", ("a bare nn.Parameter outside a known layer; a position table would be 'embedding'")
+    return "hidden", None
 
 
 def group_parameters(

@@ -106,3 +106,97 @@ def test_role_overrides_replace_group_settings(tiny_lm):
     assert emb["weight_decay"] == 0.05 and emb["lr"] == 1e-2
     with pytest.raises(ValueError, match="unknown parameter role"):
         group_parameters(tiny_lm, 0.1, role_overrides={"norms": {"lr": 1.0}})
+
+
+# --------------------------------------------------------------------------- roles you can trust
+class _GatedReadout(torch.nn.Module):
+    """A model whose readout (proj_out, d -> V) is followed by another Linear (a gate, d -> d)."""
+
+    def __init__(self, vocab=50, d=8, t=16) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.pos_emb = torch.nn.Parameter(torch.zeros(t, d))
+        self.table = torch.nn.Parameter(torch.zeros(t, d))
+        self.body = torch.nn.Linear(d, d)
+        self.proj_out = torch.nn.Linear(d, vocab, bias=False)
+        self.gate = torch.nn.Linear(d, d)
+
+
+def test_a_guessed_readout_is_the_vocabulary_sized_linear_and_warns_naming_the_fix():
+    with pytest.warns(UserWarning) as record:
+        roles = classify_parameters(_GatedReadout())
+    assert roles["proj_out.weight"] == "readout" and roles["gate.weight"] == "hidden"
+    text = "\n".join(str(w.message) for w in record)
+    assert "'proj_out.weight' got the role 'readout' by a guess" in text and "role_patterns" in text
+    assert "'pos_emb' got the role 'embedding' by a guess" in text
+    assert "'table' got the role 'hidden' by a guess" in text and "position table would be 'embedding'" in text
+
+
+def test_named_roles_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roles = classify_parameters(_GatedReadout(), {r"^proj_out\.": "readout", r"^pos_emb$": "embedding",
+                                                      r"^table$": "embedding"})
+    assert roles["table"] == "embedding"
+
+
+def test_gpt2_tied_embedding_decay_is_off_by_default_and_settable():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                                                 n_positions=16))
+    groups = {g["role"]: g for g in group_parameters(model, 0.1)}
+    assert "transformer.wte.weight" in groups["embedding"]["param_names"] and groups["embedding"]["weight_decay"] == 0.0
+    assert "readout" not in groups  # lm_head is the same tensor as wte
+    decayed = {g["role"]: g for g in group_parameters(model, 0.1, role_overrides={"embedding": {"weight_decay": 0.1}})}
+    assert decayed["embedding"]["weight_decay"] == 0.1
+    as_readout = {g["role"]: g for g in group_parameters(model, 0.1, role_patterns={r"wte\.weight$": "readout"})}
+    assert as_readout["readout"]["param_names"] == ["transformer.wte.weight"] and as_readout["readout"]["weight_decay"] == 0.1
+
+
+def _hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                                                n_positions=16)).eval()
+
+
+def test_hf_conv1d_weights_are_tagged_and_conv1d_to_linear_is_exact():
+    from lightning_optlab.params import conv1d_to_linear
+
+    model = _hf_gpt2()
+    classify_parameters(model)
+    assert model.transformer.h[0].attn.c_attn.weight.optlab_in_out
+    idx = torch.randint(0, 64, (2, 8))
+    before = model(idx).logits
+    conv1d_to_linear(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (48, 16)
+    assert torch.allclose(model(idx).logits, before, atol=1e-6)
+
+
+def test_adam_mini_refuses_conv1d_naming_the_parameter_and_accepts_the_converted_model():
+    from lightning_optlab import configure
+    from lightning_optlab.params import conv1d_to_linear
+
+    model = _hf_gpt2()
+    with pytest.raises(ValueError, match=r"c_attn.weight' is stored \(in_features, out_features\).*conv1d_to_linear"):
+        opt = configure(model, "adam_mini", lr=1e-3, n_heads=2)["optimizer"]
+        model(torch.randint(0, 64, (2, 8))).logits.sum().backward()
+        opt.step()
+    model = conv1d_to_linear(_hf_gpt2())
+    opt = configure(model, "adam_mini", lr=1e-3, n_heads=2)["optimizer"]
+    model(torch.randint(0, 64, (2, 8))).logits.sum().backward()
+    opt.step()
+
+
+def test_muon_original_scale_reads_conv1d_as_out_by_in():
+    from lightning_optlab.optim.muon import muon_scale, out_in_shape
+
+    model = _hf_gpt2()
+    classify_parameters(model)
+    w = model.transformer.h[0].mlp.c_fc.weight  # (16 in, 64 out)
+    assert out_in_shape(w) == (64, 16)
+    lin = torch.nn.Linear(16, 64)
+    assert muon_scale("original", *out_in_shape(w)) == muon_scale("original", *out_in_shape(lin.weight)) == 2.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Mapping
 
 import lightning as L
@@ -15,7 +16,23 @@ from torchmetrics.text import Perplexity
 from ..configure import OptimizerSpec, configure
 from ..optim.base import run_training_step_hooks
 
-__all__ = ["CausalLMModule"]
+__all__ = ["CausalLMModule", "logits_of"]
+
+
+def logits_of(output: Any) -> Tensor:
+    """The ``(B, T, V)`` logits in a model's output: a tensor, the first element of a tuple/list, or
+    ``output.logits`` (Hugging Face's ``CausalLMOutput...``)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}, not logits: CausalLMModule takes a model whose forward(ids) "
+        "returns the (B, T, V) logits as a tensor, a tuple starting with them, or an object with `.logits`"
+    )
 
 
 class CausalLMModule(L.LightningModule):
@@ -33,8 +50,23 @@ class CausalLMModule(L.LightningModule):
             :func:`lightning_optlab.mup.build_mup_model` in ``configure_model`` (μP config, base shapes,
             fan-in init) and the optimizer spec gets ``mup=True``. The base shapes are recomputed from
             the config at every start and stored in checkpoints; a resume with other base shapes fails.
-            With an ``nn.Module`` model the base shapes are attached as given (no re-initialization).
+            With an ``nn.Module`` model, ``mup`` is a base ``nn.Module`` (the same architecture at
+            the base width, e.g. built on ``meta``) or a base-shapes mapping (see
+            :func:`lightning_optlab.mup.set_base_shapes`); the shapes are attached as given, with no
+            re-initialization and no readout multiplier (the optimizer then refuses μP unless the
+            model has one). For a Hugging Face model, build it with
+            :func:`lightning_optlab.mup.mup_hf_model` and pass ``OptimizerSpec(mup=True)``.
+        tokenizer: the model's own tokenizer (a ``transformers`` tokenizer or a
+            :class:`~lightning_optlab.data.TextTokenizer`), kept as ``self.tokenizer`` for the
+            zero-shot evaluation and ``optlab export``; without one these use the datamodule's.
 
+    Any model works whose ``forward(ids)`` returns the logits as a tensor, a tuple starting with
+    them, or an object with ``.logits`` (Hugging Face causal LMs: ``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``, ...; they are called with ``use_cache=False``). The loss is the pack's
+    shifted-target cross-entropy on batches ``(B, T + 1)``, not the model's own ``labels`` loss.
+
+    The hyperparameters (``hparams.yaml``) hold the optimizer spec beside the model, and
+    ``hp_metric`` is the latest validation loss, so TensorBoard's HPARAMS view compares runs.
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all ranks), ``val/loss`` and ``val/ppl``
     (token-weighted, through torchmetrics). Each optimizer's declared training-step hook runs between
     the forward pass and the backward (Sophia's curvature estimate from the step's own logits every
@@ -42,20 +74,27 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
-                 sophia_seed: int = 0, mup: Any = None) -> None:
+                 sophia_seed: int = 0, mup: Any = None, tokenizer: Any = None) -> None:
         super().__init__()
         if isinstance(mup, Mapping) and "base" in mup:
             extra = sorted(set(mup) - {"base"})
             if extra:
                 raise ValueError(f"mup takes {{'base': ...}} only, got extra keys {extra}")
             mup = mup["base"]
-        self.mup_base = mup
+        # a plain attribute, not a submodule: a base nn.Module must not join this module's parameters
+        object.__setattr__(self, "mup_base", mup)
+        self.tokenizer = tokenizer
+        if isinstance(optimizer, Mapping):  # as saved in the hyperparameters (load_from_checkpoint)
+            optimizer = OptimizerSpec(**optimizer)
         spec = optimizer or OptimizerSpec()
         if mup is not None and not spec.mup:
             spec = dataclasses.replace(spec, mup=True)
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model
             self._model_spec = None
+            self._forward_kwargs = _forward_kwargs(model)
+            # the optimizer spec in hparams.yaml (TensorBoard's HPARAMS view compares runs by it)
+            self.save_hyperparameters({"optimizer": dataclasses.replace(spec).to_dict()})
             if mup is not None:
                 from ..mup import set_base_shapes
 
@@ -63,9 +102,11 @@ class CausalLMModule(L.LightningModule):
         else:
             self.model = None
             self._model_spec = model
+            self._forward_kwargs = {}
             hparams = {"model": model if isinstance(model, (str, Mapping)) else repr(model)}
             if mup is not None:
                 hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
+            hparams["optimizer"] = spec.to_dict()
             self.save_hyperparameters(hparams)
         self.spec = spec
         self.sophia_seed = sophia_seed
@@ -93,6 +134,7 @@ class CausalLMModule(L.LightningModule):
             self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
         else:
             self.model = build_model(self._model_spec, **overrides)
+        self._forward_kwargs = _forward_kwargs(self.model)
         seq_len = getattr(getattr(datamodule, "config", None), "seq_len", None)
         block = getattr(getattr(self.model, "config", None), "block_size", None)
         if isinstance(seq_len, int) and isinstance(block, int) and seq_len > block:
@@ -118,10 +160,21 @@ class CausalLMModule(L.LightningModule):
         if "model" in self.hparams:
             self.hparams["model"] = spec
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(datamodule, "vocab_size", None)
+        rows = _vocab_rows(self.model)
+        if isinstance(vocab, int) and rows is not None and vocab > rows:
+            raise ValueError(
+                f"the datamodule's tokenizer has {vocab} ids but the model's output has {rows} logits: build the model "
+                f"with vocab_size ≥ {vocab} (e.g. config.vocab_size = datamodule.vocab_size), or use the model's own "
+                "tokenizer for the data (LMDataModule(tokenizer='path/to/tokenizer.json'))"
+            )
+
     def forward(self, idx: Tensor) -> Tensor:
         if self.model is None:
             raise RuntimeError("the model is built in configure_model; call it (or fit) before forward")
-        return self.model(idx)
+        return logits_of(self.model(idx, **self._forward_kwargs))
 
     def _loss(self, logits: Tensor, targets: Tensor, train: bool) -> Tensor:
         if train and hasattr(self.model, "loss"):
@@ -157,6 +210,11 @@ class CausalLMModule(L.LightningModule):
         self.log("val/ppl", self.val_ppl)
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        # TensorBoard's HPARAMS view compares runs by `hp_metric`: the latest validation loss
+        if not self.trainer.sanity_checking and self.val_loss.update_count > 0:
+            self.log("hp_metric", self.val_loss.compute())
+
     def configure_optimizers(self) -> Any:
         return configure(self, self.spec)
 
@@ -189,6 +247,21 @@ class CausalLMModule(L.LightningModule):
             from ..mup import check_base_shapes
 
             check_base_shapes(self.model, saved)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``{"use_cache": False}`` for a model whose forward takes it (Hugging Face): training needs no KV cache."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _vocab_rows(model: nn.Module | None) -> int | None:
+    """The number of logits of a model that says (``config.vocab_size``), else None."""
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return rows if isinstance(rows, int) else None
 
 
 def _describe(opt: Mapping[str, Any]) -> str:

@@ -11,10 +11,14 @@ package's coord check (width, module, t and the statistics), written by a forwar
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .._extras import require
+
+require("mup")  # a one-line install hint when it is missing
 
 from .experiment import fixed_batches, width_model
 
@@ -40,20 +44,47 @@ def _coord_hook(records: list[dict[str, Any]], width: int, name: str, t: int) ->
     return hook
 
 
-def _watched(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+#: the modules watched in a model from a factory: token embedding and transformer blocks (HF naming too)
+_ANY_MODULES = re.compile(r"^(wte|blocks\.\d+|model\.embed_tokens|model\.layers\.\d+|transformer\.wte|transformer\.h\.\d+)$")
+
+
+def _watched(model: nn.Module, pattern: re.Pattern[str] = _MODULES) -> Iterable[tuple[str, nn.Module]]:
     yield "logits", model
     for name, module in model.named_modules():
-        if _MODULES.match(name):
+        if pattern.match(name):
             yield name, module
 
 
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The activation in a module's output: a tensor, ``.logits``, ``.last_hidden_state`` or a tuple's first."""
+    for attr in ("logits", "last_hidden_state"):
+        if isinstance(getattr(output, attr, None), torch.Tensor):
+            return getattr(output, attr)
+    if isinstance(output, (tuple, list)):
+        return _first_tensor(output[0])
+    return output
+
+
+def _record(records: list, width: int, name: str, t: int) -> Any:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        x = _first_tensor(output).detach()
+        records.append({"width": width, "module": name, "t": t, **{k: float(f(x)) for k, f in COORD_STATS.items()}})
+    return hook
+
+
 def coord_check(
-    model: str | Mapping[str, Any] = "llama-tiny", optimizer: str = "adamw", *, widths: Sequence[int] = (32, 64, 128, 256),
+    model: str | Mapping[str, Any] | Callable[[int], nn.Module] = "llama-tiny", optimizer: str = "adamw", *, widths: Sequence[int] = (32, 64, 128, 256),
     base_width: int | None = None, steps: int = 3, lr: float = 1e-2, mup: bool = True, batch_size: int = 8,
     seq_len: int = 32, seed: int = 0, hparams: Mapping[str, Any] | None = None, mix: list | None = None,
     **model_overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train ``steps`` steps at each width and return mup-style records.
+
+    ``model`` is a preset name / config mapping (its width varied, μP from ``base_width``), or a
+    factory ``width -> nn.Module`` returning your own model at that width, already in μP when
+    ``mup`` is true (e.g. ``lambda w: mup_hf_model(config_at_width(cfg, w), base_width=32)``); its
+    logits (tensor, tuple or ``.logits``), token embedding and blocks are watched
+    (``model.layers.N`` / ``transformer.h.N`` for Hugging Face models).
 
     Returns:
         one dict per (width, module, t): ``{"width", "module", "t", "l1", "rms", "mup"}`` where t is the
@@ -65,20 +96,30 @@ def coord_check(
     batch = fixed_batches(1, batch_size, seq_len, seed=seed)[0]
     records: list[dict[str, Any]] = []
     for width in widths:
-        net = width_model(model, width, mup=mup, base_width=base_width, seed=seed, **model_overrides)
+        if callable(model):
+            torch.manual_seed(seed)
+            net = model(width)
+        else:
+            net = width_model(model, width, mup=mup, base_width=base_width, seed=seed, **model_overrides)
         spec = OptimizerSpec(name=optimizer, lr=lr, mup=mup, hparams=dict(hparams or {}), mix=list(mix or []))
         opt = build_optimizer(net, spec)
         for t in range(steps + 1):
             mine: list[dict[str, Any]] = []
-            handles = [m.register_forward_hook(_coord_hook(mine, width, name, t))
-                       for name, m in _watched(net)]
-            logits = net(batch[:, :-1])
+            if callable(model):
+                handles = [m.register_forward_hook(_record(mine, width, name, t)) for name, m in _watched(net, _ANY_MODULES)]
+            else:
+                handles = [m.register_forward_hook(_coord_hook(mine, width, name, t))
+                           for name, m in _watched(net)]
+            logits = _first_tensor(net(batch[:, :-1]))
             for h in handles:
                 h.remove()
             records.extend({**r, "mup": mup} for r in mine)
             if t == steps:
                 break
-            loss = net.loss(logits, batch[:, 1:])
+            if hasattr(net, "loss") and callable(net.loss):
+                loss = net.loss(logits, batch[:, 1:])
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -43,7 +43,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from mup.infshape import InfShape
+from .._extras import require
+
+require("mup")  # a one-line install hint when it is missing
+from mup.infshape import InfShape  # noqa: E402
 
 from ..optim.muon import SCALES, muon_scale
 from ..optim.registry import get_optimizer_class

@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import mup
 import torch
-from mup.infshape import InfShape
 from torch import nn
 
-from ..models import TransformerConfig, TransformerLM, build_model, resolve_config
+from .._extras import require
+
+mup = require("mup")  # a one-line install hint when it is missing
+from mup.infshape import InfShape  # noqa: E402
+
+from ..models import TransformerConfig, TransformerLM, build_model, resolve_config  # noqa: E402
 
 __all__ = [
     "WIDTH_FIELDS",
@@ -40,6 +43,7 @@ __all__ = [
     "strip_wrapper_prefix",
     "width_mults",
     "fan_in_mults",
+    "check_readout_multiplier",
 ]
 
 #: config fields that μP lets differ between the proxy and the target (width, heads, depth, context)
@@ -309,3 +313,43 @@ def width_mults(model: nn.Module) -> dict[str, float]:
     """``{name: width multiplier}`` (mup's ``InfShape.width_mult``: fan-in for matrices)."""
     return {n: float(s.width_mult()) for n, s in infshapes(model).items()}
 
+
+
+def check_readout_multiplier(model: nn.Module) -> None:
+    """Raise when ``model`` has μP base shapes but its logits lack μP's readout multiplier.
+
+    μP's learning rates assume the logits are multiplied by base_width / width (mup's ``MuReadout``,
+    the reference models' ``logit_scale``); with a plain readout the forward pass is the standard
+    parametrization and the μP learning rates would silently train something else. Passes for a
+    ``MuReadout``/``MuSharedReadout``, a reference model built by :func:`build_mup_model`, a model at
+    the base width, or a model that declares ``optlab_mup_readout = True`` (it applies the multiplier).
+    """
+    from ..params import readout_module_name
+
+    target = _unwrap(model)
+    if getattr(target, "optlab_mup_readout", False):
+        return
+    name = readout_module_name(target)
+    if name is None:
+        return
+    readout = target.get_submodule(name)
+    if type(readout).__name__ in ("MuReadout", "MuSharedReadout"):
+        return
+    weight = getattr(readout, "weight", None)
+    shape = getattr(weight, "infshape", None)
+    if shape is None or float(shape.width_mult()) == 1.0:
+        return
+    mult = float(shape.width_mult())
+    # a reference model (possibly inside a LightningModule) multiplies its logits by config.logit_scale:
+    # build_mup_model sets it to base_width / width (times the base's own); any value ≠ 1 is a multiplier
+    lms = [m for m in target.modules() if isinstance(m, TransformerLM) and any(p is weight for p in m.parameters())]
+    if lms and lms[0].config.logit_scale != 1.0:
+        return
+    raise ValueError(
+        f"the model has μP base shapes (width multiplier {mult:g}) but its readout {name!r} is a plain "
+        f"{type(readout).__name__} without μP's 1/width output multiplier, so μP learning rates would train a "
+        "standard-parametrization forward pass. Build the model with lightning_optlab.mup.build_mup_model(preset, "
+        "base=...) (reference models) or lightning_optlab.mup.mup_hf_model(config, base_width=...) (Hugging Face "
+        "models), or replace the readout by mup.MuReadout; a model that applies the multiplier itself can declare "
+        "optlab_mup_readout = True"
+    )

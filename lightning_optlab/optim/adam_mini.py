@@ -144,6 +144,11 @@ class AdamMini(BlockAdamBase):
             return coordinate_layout(p)
         if p.dim() < 2:
             return tensor_layout(p)
+        if getattr(p, "optlab_in_out", False):  # HF Conv1D: rows are input features, blocks would cut across neurons
+            raise ValueError(
+                f"{name or 'a parameter'!r} is stored (in_features, out_features) (Hugging Face's Conv1D), but Adam-mini's "
+                "blocks are rows of (out_features, in_features) weights: call lightning_optlab.params.conv1d_to_linear(model) "
+                "first (exact: the same function with nn.Linear layers), or give this role to another optimizer through mix")
         if name is None or role in ("embedding", "readout"):
             return row_layout(p)
         if self._matches("embedding_pattern", name) or self._matches("readout_pattern", name):

@@ -88,6 +88,14 @@ def newton_schulz5(
     return x.mT if tall else x
 
 
+def out_in_shape(p: Tensor) -> tuple[int, int]:
+    """``(fan_out, fan_in)`` of a matrix: ``p.shape`` as ``nn.Linear`` stores it, swapped for a weight stored
+    ``(in_features, out_features)`` (HF's ``Conv1D``, tagged ``optlab_in_out`` by
+    :func:`lightning_optlab.params.classify_parameters`)."""
+    rows, cols = p.size(0), p.size(1)
+    return (cols, rows) if getattr(p, "optlab_in_out", False) else (rows, cols)
+
+
 def muon_scale(scale: Optional[str], rows: int, cols: int) -> float:
     """The shape factor s in W ← W − η·s·O.
 
@@ -289,7 +297,7 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
             state["step"] += 1
             if wd != 0:
                 p.mul_(1.0 - lr * wd)
-            p.add_(o, alpha=-lr * muon_scale(group["adjust_lr_fn"], p.size(0), p.size(1)))
+            p.add_(o, alpha=-lr * muon_scale(group["adjust_lr_fn"], *out_in_shape(p)))
 
     def _collect(self) -> list[tuple[int, Tensor, dict[str, Any]]]:
         work = []
@@ -315,7 +323,7 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         if buf is None:
             return {}
         lr = float(group["lr"])
-        s = muon_scale(group["adjust_lr_fn"], p.size(0), p.size(1))
+        s = muon_scale(group["adjust_lr_fn"], *out_in_shape(p))
         dtype = _ns_dtype(group["ns_dtype"], p.device)
         o = newton_schulz5(buf.to(dtype), int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
         o = o.double()

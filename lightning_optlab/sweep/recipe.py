@@ -46,10 +46,11 @@ _RECIPE_ONLY_KEYS = ("scales", "sweep", "scale")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file as a dict (an empty file is ``{}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe/config file {str(path)!r} does not exist")
+    """A YAML file as a dict (an empty file is ``{}``); a shipped recipe's bare name (``lr_sweep``) is found
+    in the package (:func:`lightning_optlab.recipe_files.find_recipe`)."""
+    from ..recipe_files import find_recipe
+
+    path = find_recipe(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping at the top level, got {type(data).__name__}")

@@ -256,6 +256,7 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
           f"({sum(point_status(d) == 'partial' for d in todo)} resume from a checkpoint); executor {executor}")
     failures: dict[str, str] = {}
     if executor == "inline":
+        bar = _progress(len(todo))
         for i, d in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {d.name}", flush=True)
             try:
@@ -270,6 +271,9 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
                 failures[d.name] = traceback.format_exc()
                 (d / "last_error.txt").write_text(failures[d.name])
             collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep
+            bar.update(1)
+            bar.write(f"[{i + 1}/{len(todo)}] {point_line(d, failures)}")
+        bar.close()
     elif executor == "local":
         n = parallel or spec.parallel
         with ThreadPoolExecutor(max_workers=n) as pool:
@@ -290,6 +294,27 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
             last += " (a configuration error: its message is printed above)"
         print(f"  failed: {name}: {last[:300]}  [{Path(out_dir) / name / 'last_error.txt'}]")
     return rows
+
+
+def _progress(total: int) -> Any:
+    """The sweep's one overall progress bar (points done, elapsed, ETA), on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="point", file=sys.stderr, dynamic_ncols=True)
+
+
+def point_line(d: Path, failures: Mapping[str, str]) -> str:
+    """One line for a finished point: its name, status and final losses (or why it failed)."""
+    if d.name in failures:
+        lines = [ln for ln in failures[d.name].strip().splitlines() if ln.strip()]
+        return f"{d.name}: failed ({(lines[-1] if lines else 'no result')[:160]})"
+    try:
+        res = json.loads((d / "result.json").read_text())
+    except (OSError, ValueError):
+        return f"{d.name}: no result"
+    parts = [f"{k.replace('final_', '').replace('_', ' ')} {res[k]:.4f}" for k in ("final_val_loss", "final_train_loss")
+             if isinstance(res.get(k), (int, float))]
+    return f"{d.name}: {res.get('status', 'done')}" + (f", {', '.join(parts)}" if parts else "")
 
 
 def _run_submitit(todo: list[Path], out: Path, executor: str, params: Mapping[str, Any]) -> dict[str, str]:
