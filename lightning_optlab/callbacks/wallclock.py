@@ -16,7 +16,10 @@ callback splits the time into
 
 MFU is ``flops_per_token · tokens/s / peak FLOP/s`` per device (Chowdhery et al. 2022, PaLM,
 appendix B), with the model's training FLOPs per token (``6N`` plus attention, Kaplan et al.
-2020) and the dense peak of the device at the trainer's precision.
+2020) and the dense peak of the device at the trainer's precision: Lightning's
+``get_available_flops``, corrected for the devices it gets wrong (:data:`PEAK_FLOPS_CORRECTIONS`),
+or the ``peak_flops`` argument. Tokens/s and MFU per logging interval are computed by Lightning's
+``Throughput``.
 """
 
 from __future__ import annotations
@@ -29,53 +32,73 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["WallClock", "PEAK_FLOPS", "peak_flops_for", "default_tokens_per_batch", "format_summary"]
+__all__ = ["WallClock", "PEAK_FLOPS_CORRECTIONS", "peak_flops_for", "default_tokens_per_batch", "format_summary"]
 
 #: the host clock; tests replace it (``monkeypatch.setattr(wallclock, "_now", fake)``)
 _now: Callable[[], float] = time.perf_counter
 
-#: dense peak FLOP/s per device, ``(bf16/fp16, tf32, fp32)``, from NVIDIA's data sheets (the
-#: "with sparsity" figures halved). Matched in order against the lower-cased device name.
-PEAK_FLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
-    ("h100 nvl", (835e12, 418e12, 60e12)),
-    ("h100 pcie", (756e12, 378e12, 51e12)),
-    ("h200 nvl", (835e12, 418e12, 60e12)),
-    ("h100", (989e12, 494.5e12, 67e12)),  # SXM (HBM3)
-    ("h200", (989e12, 494.5e12, 67e12)),  # also GH200
-    ("h800", (989e12, 494.5e12, 67e12)),
-    ("a100", (312e12, 156e12, 19.5e12)),
-    ("a800", (312e12, 156e12, 19.5e12)),
-    ("l40s", (362e12, 183e12, 91.6e12)),
-    ("l40", (181e12, 90.5e12, 90.5e12)),
-    ("l4", (121e12, 60e12, 30.3e12)),
+#: Corrections to Lightning's :func:`~lightning.fabric.utilities.throughput.get_available_flops`
+#: (lightning 2.6) for the devices it gets wrong or does not know: dense peak FLOP/s
+#: ``(bf16/fp16, tf32, fp32)`` from NVIDIA's data sheets, where the tensor-core figures are quoted
+#: "with sparsity" and are halved here. Matched in order against the lower-cased device name,
+#: before Lightning is asked; every other device gets Lightning's number.
+#:
+#: * H200 (SXM, also GH200) and H200 NVL: Lightning has only ``"h200 sxm1"``/``"h200 nvl1"``, which
+#:   real device names ("NVIDIA H200", "NVIDIA H200 NVL") never match, and their values are the
+#:   sparse ones. NVIDIA H200 Tensor Core GPU datasheet: SXM BF16/FP16 1,979 TFLOPS*, TF32 989*,
+#:   FP32 67; NVL BF16/FP16 1,671*, TF32 835*, FP32 60 (* with sparsity).
+#: * H100 NVL: Lightning gives the sparse SXM figures (1,979 TFLOP/s bf16). NVIDIA H100 Tensor
+#:   Core GPU datasheet, H100 NVL column: BF16/FP16 1,671 TFLOPS*, TF32 835*, FP32 60.
+#: * L40S and L40: Lightning maps every name containing "l4" but not "tesla" to the L4.
+#:   NVIDIA L40S datasheet: BF16/FP16 362.05 | 733* TFLOPS, TF32 183 | 366*, FP32 91.6.
+#:   NVIDIA L40 datasheet: BF16/FP16 181.05 | 362.1*, TF32 90.5 | 181*, FP32 90.5.
+PEAK_FLOPS_CORRECTIONS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("h200 nvl", (835.5e12, 417.5e12, 60e12)),
+    ("h200", (989.5e12, 494.5e12, 67e12)),
+    ("h100 nvl", (835.5e12, 417.5e12, 60e12)),
+    ("l40s", (362.05e12, 183e12, 91.6e12)),
+    ("l40", (181.05e12, 90.5e12, 90.5e12)),
 )
 
 _COMPONENTS = ("data", "fwd_bwd", "optimizer", "refresh", "other")
 
 
+def _compute_dtype(precision: str) -> torch.dtype | None:
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    if p.startswith("32"):
+        return torch.float32
+    return None  # 64-bit, transformer-engine, bitsandbytes...: no dense matmul peak to compare with
+
+
 def peak_flops_for(device: torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of ``device`` for a Lightning ``precision`` string, or None if unknown.
 
-    ``bf16-*``/``16-*`` use the bf16 peak; ``32-true`` the TF32 peak unless
-    ``torch.get_float32_matmul_precision() == "highest"`` (then FP32); CPUs and 64-bit: None.
+    The number is Lightning's ``get_available_flops`` except for the devices listed in
+    :data:`PEAK_FLOPS_CORRECTIONS`. ``bf16-*``/``16-*`` use the bf16/fp16 peak; ``32-true`` the TF32
+    peak unless ``torch.get_float32_matmul_precision() == "highest"`` (then FP32; Lightning also
+    takes FP32 before Ampere); CPUs and 64-bit: None. :class:`WallClock`'s ``peak_flops`` overrides it.
     """
-    if device.type != "cuda":
+    dtype = _compute_dtype(precision)
+    if device.type != "cuda" or dtype is None:
         return None
     name = torch.cuda.get_device_name(device).lower()
-    p = str(precision)
-    for chip, (bf16, tf32, fp32) in PEAK_FLOPS:
+    for chip, (half, tf32, fp32) in PEAK_FLOPS_CORRECTIONS:
         if chip in name:
-            if p.startswith(("bf16", "16")):
-                return bf16
-            if p.startswith("32"):
-                return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
-            return None
-    return None
+            if dtype is not torch.float32:
+                return half
+            return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
+    flops = get_available_flops(device, dtype)
+    return float(flops) if flops else None
 
 
 def default_tokens_per_batch(batch: Any) -> int | None:
@@ -126,8 +149,9 @@ class WallClock(Callback):
             callback may take on a small model. Targets are logged as soon as they are reached.
         flops_per_token: training FLOPs per token (a number or a zero-argument callable); default
             ``pl_module.model.flops_per_token()`` or ``pl_module.flops_per_token()`` if present.
-        peak_flops: peak FLOP/s of one device; default from :data:`PEAK_FLOPS` on known CUDA
-            devices at the trainer's precision (on CPU, MFU only when this is given).
+        peak_flops: peak FLOP/s of one device; default :func:`peak_flops_for` the device at the
+            trainer's precision (Lightning's ``get_available_flops``, corrected by
+            :data:`PEAK_FLOPS_CORRECTIONS`); on CPU or an unknown device, MFU only when this is given.
         sync_cuda: ``torch.cuda.synchronize()`` before each host-clock reading on CUDA, so a
             phase's kernels are charged to it and not to the next phase (costs some CPU/GPU
             overlap; turn off for a cheaper, coarser split).
@@ -196,6 +220,8 @@ class WallClock(Callback):
         self._fpt_resolved = False
         self._peak: float | None = None
         self._world = 1
+        self._throughput: Throughput | None = None
+        self._throughput_steps = 0
         self._cuda: torch.device | None = None
         self._handles: list[Any] = []
         self._train_t0: float | None = None
@@ -242,11 +268,39 @@ class WallClock(Callback):
         self._fpt, self._fpt_resolved = None, False
         self._peak = self.peak_flops if self.peak_flops is not None else peak_flops_for(device, str(trainer.precision))
         self._reset_run_state()
+        # tokens/s and MFU over each logging interval: Lightning's Throughput, fed once per
+        # optimizer step with the cumulative training seconds and tokens, windowed over the
+        # interval's steps (window_size counts the interval's start as well)
+        interval = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        self._throughput = Throughput(available_flops=self._peak, world_size=self._world, window_size=interval + 1)
+        self._seed_throughput()
         self._seen_global_step = trainer.global_step
         for opt in trainer.optimizers:
             if hasattr(opt, "register_step_post_hook"):
                 self._handles.append(opt.register_step_post_hook(self._after_optimizer_step))
         self._train_t0 = self._tick()
+
+    def _seed_throughput(self) -> None:
+        """(Re)start the throughput window at the current totals."""
+        assert self._throughput is not None
+        self._throughput.reset()
+        self._throughput_steps = 0
+        self._throughput.update(time=self._train_seconds(self.totals), batches=0,
+                                samples=self.totals["tokens"] / self._world, flops=0)
+
+    def _update_throughput(self, step: Mapping[str, float]) -> None:
+        if self._throughput is None:
+            return
+        if step["tokens"] <= 0 or self._train_seconds(step) <= 0:
+            # Throughput needs time and tokens to grow at every update: a step without either
+            # restarts the window (its interval then logs no tokens/s or MFU)
+            self._seed_throughput()
+            return
+        self._throughput_steps += 1
+        tokens_per_device = step["tokens"] / self._world
+        self._throughput.update(time=self._train_seconds(self.totals), batches=self._throughput_steps,
+                                samples=self.totals["tokens"] / self._world,
+                                flops=(self._fpt or 0.0) * tokens_per_device)
 
     def _resolve_flops_per_token(self, pl_module: "pl.LightningModule", batch: Any) -> float | None:
         source: Any = self.flops_per_token
@@ -361,6 +415,7 @@ class WallClock(Callback):
             self._window[key] += value
         self.totals["steps"] += 1
         self._window_steps += 1
+        self._update_throughput(step)
         self._last_snapshot = {
             "step": float(trainer.global_step), "tokens": self.totals["tokens"],
             "train_seconds": self._train_seconds(self.totals),
@@ -384,11 +439,11 @@ class WallClock(Callback):
         m = {f"wallclock/{k}_seconds": w[k] / n for k in _COMPONENTS}
         m["wallclock/step_seconds"] = seconds / n
         m["wallclock/optimizer_share"] = w["optimizer"] / seconds if seconds > 0 else 0.0
-        if w["tokens"] > 0 and seconds > 0:
-            m["wallclock/tokens_per_sec"] = w["tokens"] / seconds
-            mfu = self._mfu(w["tokens"], seconds)
-            if mfu is not None:
-                m["wallclock/mfu"] = mfu
+        rates = self._throughput.compute() if self._throughput is not None else {}
+        if "device/samples_per_sec" in rates:  # the window holds every step of this interval
+            m["wallclock/tokens_per_sec"] = rates["device/samples_per_sec"] * self._world
+            if self._fpt is not None and "device/mfu" in rates:
+                m["wallclock/mfu"] = rates["device/mfu"]
         m["wallclock/train_seconds"] = self._train_seconds(self.totals)
         m["wallclock/elapsed_seconds"] = self._elapsed()
         m["wallclock/tokens"] = self.totals["tokens"]

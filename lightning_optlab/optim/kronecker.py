@@ -14,13 +14,21 @@ Conventions (those of SOAP's reference implementation, Vyas et al. 2024):
 * Factor lists hold ``None`` where a dimension has no factor; basis lists likewise.
 * Low-precision (bf16/fp16) inputs are computed in float32: the decompositions need it.
 
-Everything here is plain torch over tensors; the optimizers own state, groups and validation.
+The factor state both methods keep per tensor is made, updated and scheduled here too
+(:func:`work_shape`, :func:`new_factors`, :func:`update_factor_states_`, :func:`refresh_due`,
+:func:`mark_refreshed`, :func:`timed`), over the optimizer's per-parameter state dicts and their
+keys ``factors`` (a list, ``None`` where a dimension has none), ``step``, ``last_refresh`` and
+``fallbacks``. What each method computes from the factors stays its own: Shampoo's inverse roots
+and grafting, SOAP's eigenbases, their QR refresh and the rotation of its Adam moments.
+
+Everything here is plain torch over tensors and dicts; the optimizers own groups and validation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import time
+from typing import Any, Callable, MutableMapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +36,12 @@ from torch import Tensor
 __all__ = [
     "merged_shape",
     "factor_mask",
+    "work_shape",
+    "new_factors",
+    "update_factor_states_",
+    "refresh_due",
+    "mark_refreshed",
+    "timed",
     "gram",
     "update_factors_",
     "project",
@@ -88,6 +102,69 @@ def factor_mask(
         return [bool(precondition_1d) and shape[0] <= max_precond_dim]
     dims = merged_shape(shape, max_precond_dim) if merge_dims else tuple(shape)
     return [d <= max_precond_dim for d in dims]
+
+
+def work_shape(shape: Sequence[int], max_precond_dim: int, merge_dims: bool) -> tuple[int, ...]:
+    """The shape a tensor's factors are made for: :func:`merged_shape` with ``merge_dims`` (a
+    vector is never merged), else ``shape`` itself. Gradients and anything rotated or
+    preconditioned are reshaped to it."""
+    if merge_dims and len(shape) != 1:
+        return merged_shape(tuple(shape), max_precond_dim)
+    return tuple(shape)
+
+
+def new_factors(
+    shape: Sequence[int], max_precond_dim: int, precondition_1d: bool, merge_dims: bool, *,
+    dtype: torch.dtype, device: Union[torch.device, str, None],
+) -> list[Optional[Tensor]]:
+    """Zero factors ``d × d`` for the dimensions of :func:`work_shape` that :func:`factor_mask`
+    preconditions, ``None`` for the others (all ``None`` when none is)."""
+    dims = work_shape(shape, max_precond_dim, merge_dims)
+    mask = factor_mask(tuple(shape), max_precond_dim, precondition_1d, merge_dims)
+    return [torch.zeros(d, d, dtype=dtype, device=device) if keep else None for d, keep in zip(dims, mask)]
+
+
+def refresh_due(step: int, frequency: int, first: int) -> bool:
+    """Whether a refresh falls on ``step``: at ``first``, ``first + frequency``, ... (none before ``first``)."""
+    return step >= first and (step - first) % frequency == 0
+
+
+def update_factor_states_(
+    states: Sequence[MutableMapping[str, Any]], grads: Sequence[Tensor], beta: Optional[float], *,
+    frequency: int, first: Union[int, Sequence[int]],
+) -> list[int]:
+    """One step of every tensor's factors: :func:`update_factors_` (EMA with ``beta``, sum when
+    None) of ``state["factors"]`` with its gradient, already in :func:`work_shape`; returns the
+    indices of the tensors whose refresh is due at their ``state["step"]`` (:func:`refresh_due`
+    with ``first``, one for all or one per tensor). States without a factor are skipped."""
+    due: list[int] = []
+    for i, (state, grad) in enumerate(zip(states, grads)):
+        factors = state.get("factors")
+        if factors is None or all(f is None for f in factors):
+            continue
+        update_factors_(factors, grad, beta)
+        if refresh_due(state["step"], frequency, first if isinstance(first, int) else first[i]):
+            due.append(i)
+    return due
+
+
+def mark_refreshed(state: MutableMapping[str, Any], fallbacks: int = 0) -> None:
+    """Book a refresh of ``state``'s factors at its current step, with ``fallbacks`` more
+    decompositions that needed a retry or kept the previous result."""
+    state["last_refresh"] = state["step"]
+    if fallbacks:
+        state["fallbacks"] = state.get("fallbacks", 0) + fallbacks
+
+
+def timed(work: Callable[[], Any], sync: Optional[torch.device] = None) -> float:
+    """Run ``work()`` and return its host seconds (the optimizers' ``last_refresh_seconds``).
+    With ``sync`` a CUDA device, it is synchronized before the clock stops, so that the
+    refresh's kernels are counted."""
+    t0 = time.perf_counter()
+    work()
+    if sync is not None and sync.type == "cuda":
+        torch.cuda.synchronize(sync)
+    return time.perf_counter() - t0
 
 
 def gram(grad: Tensor, dim: int) -> Tensor:

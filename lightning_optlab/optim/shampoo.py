@@ -12,7 +12,6 @@ root, and for 1-D parameters, the graft's own update is taken.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -23,7 +22,17 @@ from torch import Tensor
 from ._validate import check_beta, check_eps, check_lr, check_positive_int, check_range, check_weight_decay
 from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice, looks_flattened, param_name, sharding_problem
 from .health import HealthMixin, quantile_stats, update_stats
-from .kronecker import factor_health, factor_mask, merged_shape, project, safe_eigh, side_names, update_factors_
+from .kronecker import (
+    factor_health,
+    mark_refreshed,
+    new_factors,
+    project,
+    safe_eigh,
+    side_names,
+    timed,
+    update_factor_states_,
+    work_shape,
+)
 
 __all__ = ["Shampoo", "ShampooHParams", "inverse_root_eigh", "inverse_root_newton", "graft_denominators_",
            "sharding_problem", "looks_flattened", "GRAFTINGS"]
@@ -341,13 +350,10 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         if group["grafting"] in ("adam", "adagrad", "rmsprop"):
             state["graft_state"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        shape = _merged(p, group)
-        mask = factor_mask(tuple(p.shape), group["max_precond_dim"], False, group["merge_dims"])
-        if p.dim() >= 2 and any(mask):
-            state["factors"] = [
-                torch.zeros(d, d, dtype=dtype, device=p.device) if keep else None for d, keep in zip(shape, mask)
-            ]
-            state["roots"] = [None] * len(shape)
+        factors = new_factors(p.shape, group["max_precond_dim"], False, group["merge_dims"], dtype=dtype, device=p.device)
+        if p.dim() >= 2 and any(f is not None for f in factors):
+            state["factors"] = factors
+            state["roots"] = [None] * len(factors)
         return state
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -388,36 +394,34 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
 
     def _update_factors(self, group: dict[str, Any], params: list[Tensor], states: list[dict], grads: list[Tensor]) -> None:
         beta = None if group["factor_sum"] or group["betas"][1] == 1.0 else float(group["betas"][1])
-        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
-        refresh: list[int] = []
-        for i, (p, s) in enumerate(zip(params, states)):
-            if "factors" not in s:
-                continue
-            update_factors_(s["factors"], grads[i].reshape(_merged(p, group)), beta)
-            t = s["step"]
-            if t >= start and (t - start) % freq == 0:
-                refresh.append(i)
+        with_factors = [i for i, s in enumerate(states) if "factors" in s]
+        due = update_factor_states_(
+            [states[i] for i in with_factors], [grads[i].reshape(_merged(params[i], group)) for i in with_factors], beta,
+            frequency=group["precondition_frequency"], first=group["start_preconditioning_step"],
+        )
+        refresh = [with_factors[j] for j in due]
         if not refresh:
             return
-        t0 = time.perf_counter()
-        for i in refresh:
-            self._refresh_roots(group, params[i], states[i])
-        if params[refresh[0]].device.type == "cuda":
-            torch.cuda.synchronize(params[refresh[0]].device)
-        self.last_refresh_seconds += time.perf_counter() - t0
+
+        def roots() -> None:
+            for i in refresh:
+                self._refresh_roots(group, params[i], states[i])
+
+        self.last_refresh_seconds += timed(roots, sync=params[refresh[0]].device)
 
     def _refresh_roots(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         exponent = _exponent(group, len(state["factors"]))
+        fallbacks = 0
         for j, f in enumerate(state["factors"]):
             if f is None:
                 continue
             root, fell_back = _root(f, exponent, float(group["eps"]), group["root"], int(group["newton_iters"]))
-            state["fallbacks"] += int(fell_back)
+            fallbacks += int(fell_back)
             if root is None:
                 state["roots_kept"] += 1  # keep the previous root (or none: graft alone)
             else:
                 state["roots"][j] = root
-        state["last_refresh"] = state["step"]
+        mark_refreshed(state, fallbacks)
 
     def _grafted_directions(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict], moms: list[Tensor],
@@ -442,9 +446,8 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         return shampoo_health(p, group, state)
 
 def _merged(p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
-    if group["merge_dims"] and p.dim() >= 2:
-        return merged_shape(tuple(p.shape), group["max_precond_dim"])
-    return tuple(p.shape)
+    """The factors' shape of ``p`` (:func:`.kronecker.work_shape`); only tensors with factors (≥ 2-D) ask."""
+    return work_shape(p.shape, group["max_precond_dim"], group["merge_dims"])
 
 
 def _exponent(group: dict[str, Any], order: int) -> float:

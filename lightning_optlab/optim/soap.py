@@ -16,7 +16,6 @@ the decompositions at a refresh). Options that change the numbers are off by def
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -29,15 +28,17 @@ from .health import HealthMixin, quantile_stats, update_stats
 from .kronecker import (
     eigenbasis,
     factor_health,
-    factor_mask,
     gram,
-    merged_shape,
+    mark_refreshed,
+    new_factors,
     power_qr_refresh,
     power_qr_refresh_batched,
     project,
     project_matrices,
     side_names,
-    update_factors_,
+    timed,
+    update_factor_states_,
+    work_shape,
 )
 
 __all__ = ["SOAP", "soap_rotated_adam_"]
@@ -203,9 +204,7 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
 
     @staticmethod
     def _work_shape(p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
-        if group["merge_dims"] and p.dim() != 1:
-            return merged_shape(p.shape, group["max_precond_dim"])
-        return tuple(p.shape)
+        return work_shape(p.shape, group["max_precond_dim"], group["merge_dims"])
 
     def _phase(self, group: dict[str, Any], sizes: list[int]) -> int:
         """Refresh phase: 0, or with ``spread_refresh`` the least-loaded slot (greedy on Σd³)."""
@@ -221,12 +220,10 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """The first step: factors from this gradient, bases from their eigendecomposition."""
         dtype, shape = self.state_dtype(p), self._work_shape(p, group)
-        mask = factor_mask(p.shape, group["max_precond_dim"], group["precondition_1d"], group["merge_dims"])
         g = grad.to(dtype).reshape(shape)
         beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
-        factors: list[Optional[Tensor]] = [
-            torch.zeros(d, d, dtype=dtype, device=p.device) if m else None for d, m in zip(shape, mask)
-        ]
+        factors = new_factors(p.shape, group["max_precond_dim"], group["precondition_1d"], group["merge_dims"],
+                              dtype=dtype, device=p.device)
         fallbacks = 0
         bases: list[Optional[Tensor]] = []
         for i, f in enumerate(factors):
@@ -257,9 +254,7 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if "step" not in state:
-                    t0 = time.perf_counter()
-                    self._init_state(p, p.grad, group, state)
-                    refresh_seconds += time.perf_counter() - t0
+                    refresh_seconds += timed(lambda: self._init_state(p, p.grad, group, state))
                 else:
                     active.append((p, p.grad, state))
             if active:
@@ -292,20 +287,15 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         del updates
 
         # The preconditioner update (after the parameter update): factors, then due refreshes.
+        # A tensor at phase r refreshes at the steps ≡ r (mod f): the first is r, or f when r = 0.
         beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
-        for g, (_, _, st) in zip(grads, active):
-            update_factors_(st["factors"], g, beta)
         freq = group["precondition_frequency"]
-        due = [
-            (st, shape)
-            for (_, _, st), shape in zip(active, shapes)
-            if any(f is not None for f in st["factors"]) and st["step"] % freq == st.get("refresh_phase", 0) % freq
-        ]
+        states = [st for _, _, st in active]
+        firsts = [st.get("refresh_phase", 0) % freq or freq for st in states]
+        due = [(states[i], shapes[i]) for i in update_factor_states_(states, grads, beta, frequency=freq, first=firsts)]
         if not due:
             return 0.0
-        t0 = time.perf_counter()
-        self._refresh(due, group["refresh"])
-        return time.perf_counter() - t0
+        return timed(lambda: self._refresh(due, group["refresh"]))
 
     def _apply(self, group, params, updates, steps, beta1, beta2, lr, wd) -> None:
         """W ← W − step_size·N, then W ← W − ηλW (on the updated W), in float32 for bf16/fp16."""
@@ -358,16 +348,17 @@ class SOAP(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         exp_avg = state["exp_avg"].view(shape)
         exp_avg_sq = state["exp_avg_sq"].view(shape)
         new: list[Optional[Tensor]] = list(old)
+        failed = 0
         for i, res in enumerate(results):
             if res is None:
                 continue
             q_new, order = res
             if q_new is None:  # the QR failed even in float64: keep the previous basis, unpermuted
-                state["fallbacks"] = state.get("fallbacks", 0) + 1
+                failed += 1
                 continue
             exp_avg_sq = exp_avg_sq.index_select(i, order)
             new[i] = q_new.to(old[i].dtype)
-        state["last_refresh"] = state["step"]
+        mark_refreshed(state, failed)
         if all(a is b for a, b in zip(new, old)):
             return
         moved = exp_avg

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
+import lightning.fabric.accelerators.cuda
 import pytest
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -12,7 +16,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightning_optlab.callbacks import wallclock
-from lightning_optlab.callbacks.wallclock import WallClock, default_tokens_per_batch, format_summary, peak_flops_for
+from lightning_optlab.callbacks.wallclock import (
+    PEAK_FLOPS_CORRECTIONS,
+    WallClock,
+    default_tokens_per_batch,
+    format_summary,
+    peak_flops_for,
+)
 
 # dyadic durations: every sum below is exact in binary floating point
 DATA, FWD, OPT, REFRESH, OTHER, VAL = 0.0625, 0.25, 0.5, 0.125, 0.015625, 1.0
@@ -305,33 +315,103 @@ def test_hooks_removed_after_fit(clock: FakeClock) -> None:
     assert not trainer.optimizers[0]._optimizer_step_post_hooks
 
 
+@pytest.fixture
+def ampere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning asks the (absent) GPU whether it has TF32 for 32-bit precision: say it has."""
+    monkeypatch.setattr(lightning.fabric.accelerators.cuda, "_is_ampere_or_later", lambda device=None: True)
+
+
 @pytest.mark.parametrize(
     "name, precision, expected",
     [
-        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989e12),
+        # from Lightning's get_available_flops
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),
         ("NVIDIA H100 PCIe", "16-mixed", 756e12),
-        ("NVIDIA H100 NVL", "bf16-true", 835e12),
-        ("NVIDIA H200", "bf16-mixed", 989e12),
         ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),
-        ("NVIDIA L40S", "bf16-mixed", 362e12),
-        ("NVIDIA L40", "bf16-mixed", 181e12),
         ("NVIDIA L4", "bf16-mixed", 121e12),
+        # from PEAK_FLOPS_CORRECTIONS (NVIDIA data sheets, dense)
+        ("NVIDIA H100 NVL", "bf16-true", 835.5e12),
+        ("NVIDIA H200", "bf16-mixed", 989.5e12),
+        ("NVIDIA H200 NVL", "bf16-mixed", 835.5e12),
+        ("NVIDIA GH200 480GB", "bf16-mixed", 989.5e12),
+        ("NVIDIA L40S", "bf16-mixed", 362.05e12),
+        ("NVIDIA L40", "bf16-mixed", 181.05e12),
         ("NVIDIA A100-SXM4-80GB", "64-true", None),
         ("Some Future GPU", "bf16-mixed", None),
     ],
 )
-def test_peak_flops_table(monkeypatch: pytest.MonkeyPatch, name: str, precision: str, expected: float | None) -> None:
+def test_peak_flops_table(monkeypatch: pytest.MonkeyPatch, ampere: None, name: str, precision: str,
+                          expected: float | None) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops_for(torch.device("cuda", 0), precision) == expected
     assert peak_flops_for(torch.device("cpu"), precision) is None
 
 
-def test_peak_flops_fp32_depends_on_matmul_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "name, corrected",
+    [("NVIDIA H100 80GB HBM3", False), ("NVIDIA A100-SXM4-80GB", False), ("NVIDIA L4", False),
+     ("NVIDIA L40S", True), ("NVIDIA L40", True), ("NVIDIA H100 NVL", True), ("NVIDIA H200", True)],
+)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_peak_flops_come_from_lightning_unless_corrected(monkeypatch: pytest.MonkeyPatch, ampere: None, name: str,
+                                                         corrected: bool, precision: str) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # 32-true: the TF32 peak
+    cuda = torch.device("cuda", 0)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning warns about the devices it does not know
+        lightnings = get_available_flops(cuda, dtype)
+    ours = peak_flops_for(cuda, precision)
+    assert any(chip in name.lower() for chip, _ in PEAK_FLOPS_CORRECTIONS) == corrected
+    if corrected:  # Lightning's number is wrong (L40S gets the L4's, H100 NVL twice the dense peak) or missing
+        assert ours != lightnings
+        row = next(v for chip, v in PEAK_FLOPS_CORRECTIONS if chip in name.lower())
+        assert ours == (row[0] if dtype is torch.bfloat16 else row[1])
+    else:
+        assert ours == float(lightnings)
+
+
+def test_peak_flops_fp32_depends_on_matmul_precision(monkeypatch: pytest.MonkeyPatch, ampere: None) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 67e12
+    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 66.9e12  # Lightning's FP32
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 494.5e12
+    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 494.7e12  # Lightning's TF32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 183e12  # corrected TF32
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak_flops_for(torch.device("cuda", 0), "32-true") == 91.6e12  # corrected FP32
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 156e12), ("NVIDIA L40S", 183e12)])
+def test_mfu_with_the_device_peak(monkeypatch: pytest.MonkeyPatch, clock: FakeClock, ampere: None, name: str,
+                                  peak: float) -> None:
+    # the module runs on the CPU; the callback is told it runs on the named GPU (32-true: TF32 peak)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    real = wallclock.peak_flops_for
+    monkeypatch.setattr(wallclock, "peak_flops_for", lambda device, precision: real(torch.device("cuda", 0), precision))
+    fpt = 6e9
+    cb = WallClock(flops_per_token=fpt, verbose=False)
+    _, logger = _fit(clock, cb, max_steps=4, log_every=2)
+    assert cb._peak == peak
+    tokens_per_sec = logger.series("wallclock/tokens_per_sec")
+    mfu = logger.series("wallclock/mfu")
+    assert [st for st, _ in mfu] == [st for st, _ in tokens_per_sec] == [1, 3]
+    step = DATA + FWD + OPT + OTHER
+    for (_, tps), (_, m) in zip(tokens_per_sec, mfu):
+        assert tps == pytest.approx(B * T / step, rel=1e-12)
+        assert m == pytest.approx(fpt * tps / peak, rel=1e-12)
+    assert cb.summary["mfu"] == pytest.approx(fpt * cb.summary["tokens_per_sec"] / peak, rel=1e-12)
+
+
+def test_peak_flops_argument_overrides_the_device(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    monkeypatch.setattr(wallclock, "peak_flops_for", lambda device, precision: 362.05e12)
+    cb = WallClock(flops_per_token=1000.0, peak_flops=1e6, verbose=False)
+    _fit(clock, cb, max_steps=1)
+    assert cb._peak == 1e6
 
 
 def test_tokens_per_batch() -> None:

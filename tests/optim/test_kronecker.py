@@ -178,3 +178,81 @@ def test_condition_number():
     assert K.condition_number(torch.tensor([1.0, 0.0])) == float("inf")
     assert K.condition_number(torch.tensor([1.0, 0.0]), floor=0.5) == 2.0
     assert K.condition_number(torch.zeros(3)) == 0.0
+
+
+# ---------------------------------------------------------------- the shared factor state
+
+
+def test_work_shape_and_new_factors():
+    assert K.work_shape((128, 64, 3, 3), 1000, True) == (128, 576)
+    assert K.work_shape((128, 64, 3, 3), 1000, False) == (128, 64, 3, 3)
+    assert K.work_shape((7,), 5, True) == (7,)  # a vector is never merged
+    assert K.work_shape((), 5, True) == (1,)
+    fs = K.new_factors((6, 20, 3), 8, False, False, dtype=torch.float32, device="cpu")
+    assert [None if f is None else tuple(f.shape) for f in fs] == [(6, 6), None, (3, 3)]
+    assert all(bool((f == 0).all()) for f in fs if f is not None)
+    merged = K.new_factors((4, 2, 5), 8, False, True, dtype=torch.float64, device="cpu")
+    assert [tuple(f.shape) for f in merged] == [(8, 8), (5, 5)] and merged[0].dtype == torch.float64
+    assert K.new_factors((5,), 8, False, False, dtype=torch.float32, device="cpu") == [None]
+    assert [tuple(f.shape) for f in K.new_factors((5,), 8, True, False, dtype=torch.float32, device="cpu")] == [(5, 5)]
+
+
+def test_refresh_due():
+    assert [t for t in range(1, 20) if K.refresh_due(t, 4, 3)] == [3, 7, 11, 15, 19]
+    assert [t for t in range(1, 12) if K.refresh_due(t, 5, 5)] == [5, 10]
+    assert [t for t in range(1, 5) if K.refresh_due(t, 1, 1)] == [1, 2, 3, 4]
+
+
+def test_update_factor_states_updates_and_schedules():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g), torch.randn(2, 6, generator=g)]
+    states = [
+        {"step": 4, "factors": K.new_factors((4, 3), 8, False, False, dtype=torch.float32, device="cpu")},
+        {"step": 4, "factors": [None]},  # nothing preconditioned: skipped
+        {"step": 5, "factors": K.new_factors((2, 6), 8, False, False, dtype=torch.float32, device="cpu")},
+    ]
+    expected = [[f.clone() for f in s["factors"]] if s["factors"][0] is not None else None for s in states]
+    for e, grad in zip(expected, grads):
+        if e is not None:
+            K.update_factors_(e, grad, 0.9)
+    due = K.update_factor_states_(states, grads, 0.9, frequency=2, first=2)
+    assert due == [0]  # steps 2, 4, 6, ...: the first tensor (step 4), not the third (step 5)
+    for s, e in zip(states, expected):
+        if e is not None:
+            assert all(torch.equal(f, x) for f, x in zip(s["factors"], e))
+    assert K.update_factor_states_(states, grads, None, frequency=2, first=[3, 3, 3]) == [2]  # per-tensor firsts
+
+
+def test_mark_refreshed_and_timed():
+    state = {"step": 7, "last_refresh": 0, "fallbacks": 1}
+    K.mark_refreshed(state)
+    assert state == {"step": 7, "last_refresh": 7, "fallbacks": 1}
+    K.mark_refreshed(state, 2)
+    assert state["fallbacks"] == 3
+    ran = []
+    seconds = K.timed(lambda: ran.append(1))
+    assert ran == [1] and seconds >= 0.0
+
+
+def test_soap_and_shampoo_keep_the_same_factors():
+    """One factor state: the same shapes and masks, and the same EMA of the same gradients."""
+    from lightning_optlab.optim.shampoo import Shampoo
+    from lightning_optlab.optim.soap import SOAP
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (3, 20, 2), (4, 2, 5)]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+    opts = []
+    for cls, kw in ((SOAP, dict(shampoo_beta=0.9)), (Shampoo, dict(betas=(0.9, 0.9)))):
+        ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = cls(ps, max_precond_dim=10, merge_dims=True, precondition_frequency=100, **kw)
+        for step in grads:
+            for p, x in zip(ps, step):
+                p.grad = x.clone()
+            opt.step()
+        opts.append([opt.state[p]["factors"] for p in ps])
+    for soap_fs, shampoo_fs in zip(*opts):
+        assert [None if f is None else f.shape for f in soap_fs] == [None if f is None else f.shape for f in shampoo_fs]
+        for a, b in zip(soap_fs, shampoo_fs):
+            if a is not None:  # SOAP's first step lerps the Gram matrix, Shampoo adds it fused: rounding apart
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
