@@ -166,8 +166,7 @@ def optlab_cli_class() -> type:
             if self.subcommand in ("fit", None):
                 config = self.config[self.subcommand] if self.subcommand else self.config
                 if not any(isinstance(c, ResumeCheck) for c in trainer.callbacks):
-                    trainer.callbacks.append(ResumeCheck(override_optimizer=config.get("resume_override") == "optimizer",
-                                                         trust=config.get("weights_only") is False))
+                    trainer.callbacks.append(ResumeCheck(override_optimizer=config.get("resume_override") == "optimizer"))
                 if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
                     trainer.strategy.checkpoint_io = SafeCheckpointIO()
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping, Optional
 import lightning.pytorch as pl
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 
 from ..checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint_atomic
 
@@ -51,12 +50,21 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return
         save_checkpoint_atomic(checkpoint, path)
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: called with ``(path, checkpoint)`` right after a load, before Lightning restores anything
+        self.on_loaded: list[Callable[[Path, dict[str, Any]], None]] = []
+
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        return load_checkpoint(path, trust=weights_only is False, map_location=map_location,
-                               trust_hint="--weights_only false (trainer.fit(..., weights_only=False))")
+        remove_stale_temp_files(Path(path).parent)  # partial files of a writer killed mid-save
+        checkpoint = load_checkpoint(path, trust=weights_only is False, map_location=map_location,
+                                     trust_hint="--weights_only false (trainer.fit(..., weights_only=False))")
+        for listener in list(self.on_loaded):
+            listener(Path(path), checkpoint)
+        return checkpoint
 
 
 def _flat(value: Any, prefix: str) -> dict[str, Any]:
@@ -155,8 +163,9 @@ class ResumeCheck(Callback):
 
     Lightning restores the checkpoint's weights, optimizer state and LR schedule whatever the config
     now says, so a changed width, learning rate, betas, weight decay or schedule would otherwise be
-    ignored without a word. At ``setup`` (before anything is restored) this callback reads the
-    checkpoint's metadata (weights only, memory-mapped: the tensors are not read) and compares.
+    ignored without a word. Under :class:`SafeCheckpointIO` this callback compares right after the
+    checkpoint is loaded, before anything is restored (with another ``CheckpointIO``, in
+    ``on_load_checkpoint``: after the weights, before the optimizer and the schedule).
 
     Args:
         override_optimizer: apply differences of the optimizer's hyperparameters and schedule (lr,
@@ -164,32 +173,44 @@ class ResumeCheck(Callback):
             total_steps, min_lr_ratio, decay_fraction) to the restored optimizer and scheduler,
             keeping their state (moments, step counts), and report them. The optimizer itself, its
             mix and μP, the model and the data are never overridden.
-        trust: read the checkpoint with full unpickling (only for a trusted file; ``optlab fit``
-            sets it from ``--weights_only false``).
 
     The optimizer's settings are saved in this callback's state, so the check covers them from the
     first checkpoint written with it.
     """
 
-    def __init__(self, override_optimizer: bool = False, trust: bool = False) -> None:
+    def __init__(self, override_optimizer: bool = False) -> None:
         self.override_optimizer = bool(override_optimizer)
-        self.trust = bool(trust)
         self._record: dict[str, Any] = {}
         self._pending: list[tuple[str, Any, Any]] = []
+        self._checked = False
+        self._module: Any = None
+        self._datamodule: Any = None
         self.applied: list[tuple[str, Any, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         record = _spec_record(getattr(pl_module, "spec", None))
         self._record = {"optimizer": record} if record is not None else {}
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if stage != "fit" or not ckpt_path or "://" in str(ckpt_path):
+        self._checked, self._pending = stage != "fit", []
+        self._module, self._datamodule = pl_module, trainer.datamodule
+        io = trainer.strategy.checkpoint_io
+        if stage == "fit" and isinstance(io, SafeCheckpointIO) and self._check not in io.on_loaded:
+            io.on_loaded.append(self._check)  # compare before the weights are restored
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafeCheckpointIO) and self._check in io.on_loaded:
+            io.on_loaded.remove(self._check)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not self._checked:  # another CheckpointIO: compare now (still before optimizer and schedule restore)
+            self._check(Path(str(trainer.ckpt_path)), checkpoint)
+
+    def _check(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        if self._checked:
             return
-        path = Path(ckpt_path)
-        if trainer.is_global_zero:
-            remove_stale_temp_files(path.parent)  # partial files of a writer killed mid-save
-        checkpoint = load_checkpoint(path, trust=self.trust, mmap=True,
-                                     trust_hint="--weights_only false (trainer.fit(..., weights_only=False))")
-        diffs = resume_differences(checkpoint, pl_module, trainer.datamodule)
+        self._checked = True
+        diffs = resume_differences(checkpoint, self._module, self._datamodule)
         if not diffs:
             return
         fixed = [d for d in diffs if not d[0].startswith("optimizer.") or d[0].split(".")[1] in _OPT_FIXED]
@@ -213,7 +234,6 @@ class ResumeCheck(Callback):
         self.applied, self._pending = self._pending, []
         msg = ("resume: applied changed optimizer settings to the restored optimizer and schedule (old → new):\n"
                + _format(self.applied))
-        rank_zero_warn(msg)
         if trainer.is_global_zero:
             print(msg, flush=True)
 

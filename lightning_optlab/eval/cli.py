@@ -151,6 +151,13 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], ckpt: Path, task_dir: 
         print(f"optlab eval: {err}", file=sys.stderr)
         return 2
     metrics = metrics_from_results(results, tasks)
+    if args.task_dir != "samples":  # say where the datasets library wrote its cache of the task data
+        import os
+
+        from .run import _cache_dir
+
+        where = _cache_dir(task_dir, None) or os.environ.get("HF_DATASETS_CACHE") or "the Hugging Face datasets cache"
+        print(f"task data cache: {where}")
     print(format_table({ckpt.name: metrics}, tasks))
     if args.output:
         write_results(results, args.output)
