@@ -126,3 +126,15 @@ def test_a_kill_mid_save_leaves_no_partial_file_after_the_next_save(trained, tmp
     stale.write_bytes(ckpt.read_bytes()[:1000])  # what a writer killed mid-save leaves
     assert _resume(trained, root="after_kill") == 0
     assert not stale.exists()  # removed when the resume read that folder
+
+
+def test_broken_yaml_of_sweep_and_mup_transfer_names_the_file(tmp_path, capsys):
+    from lightning_optlab.mup.cli import main as mup_main
+    from lightning_optlab.sweep.cli import main as sweep_main
+
+    bad = tmp_path / "proxy.yaml"
+    bad.write_text("model: [llama-tiny\n")
+    assert mup_main(["transfer", str(bad), "--target", "llama-tiny", "--out", str(tmp_path / "t.yaml")]) == 2
+    assert sweep_main(["sweep", str(bad), "--out", str(tmp_path / "s")]) == 2
+    for err in capsys.readouterr().err.strip().splitlines():
+        assert str(bad) in err and "not valid YAML at line" in err and "<unicode string>" not in err
