@@ -95,7 +95,8 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: set[str] = 
     keys = sorted(set(old) | set(new))
     out = []
     for k in keys:
-        if k.split(".")[1] in ignore if "." in k else k in ignore:
+        field_name = k.split(".")[1] if "." in k else k  # "data.num_workers" -> "num_workers"
+        if field_name in ignore:
             continue
         if only_common and (k not in old or k not in new):
             continue
