@@ -49,9 +49,10 @@ except ImportError:  # pragma: no cover - the script needs Lightning anyway
 
 class FaultLog(Callback):
     """Log ``{"run", "step", "loss", "batch"}`` per optimizer step to ``log`` (one JSON line, flushed);
-    with ``kill_in_save_at`` set, die halfway through writing the checkpoint of that step."""
+    with ``kill_in_save_at`` set, die halfway through writing that step's ``last.ckpt`` (``kill_file="last"``)
+    or its ``step=N.ckpt`` (``"step"``)."""
 
-    def __init__(self, log: str, run: int, kill_in_save_at: int = -1, kill_file: str = "last.ckpt") -> None:
+    def __init__(self, log: str, run: int, kill_in_save_at: int = -1, kill_file: str = "last") -> None:
         self.log_path, self.run, self.kill_at, self.kill_file = Path(log), run, kill_in_save_at, kill_file
         self._batch = 0
 
@@ -62,7 +63,10 @@ class FaultLog(Callback):
         save = io.save_checkpoint
 
         def save_or_die(checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-            if trainer.global_step == self.kill_at and Path(path).name == self.kill_file:
+            name = Path(path).name  # a rerun step's file may be versioned: step=7-v1.ckpt
+            step_file = name.startswith((f"step={self.kill_at}.", f"step={self.kill_at}-v"))
+            wanted = name == "last.ckpt" if self.kill_file == "last" else step_file
+            if trainer.global_step == self.kill_at and wanted:
                 import io as _io
 
                 import torch
@@ -94,7 +98,7 @@ class FaultLog(Callback):
             f.flush()
 
 
-def _config(out: Path, steps: int, run: int, log: Path, kill_in_save_at: int = -1, kill_file: str = "last.ckpt"
+def _config(out: Path, steps: int, run: int, log: Path, kill_in_save_at: int = -1, kill_file: str = "last"
             ) -> Path:
     config = {
         "seed_everything": 0,
@@ -210,7 +214,7 @@ def run_faults(out: Path, kills: int, steps: int, seed: int = 0, timeout: float 
         # a kill within the next few steps, never in the last one (the run must not finish first)
         target = rng.randint(start_step + 1, max(start_step + 1, min(steps - 2, start_step + 3))) if killing else -1
         proc = _start(dir_, _config(dir_, steps, run, log, kill_in_save_at=target if in_save else -1,
-                                    kill_file=rng.choice(["last.ckpt", f"step={target}.ckpt"])))
+                                    kill_file=rng.choice(["last", "step"])))
         if killing and not in_save:
             deadline = time.time() + timeout
             while _logged_step(log, run) < max(target, start_step + 1) and proc.poll() is None:
