@@ -20,7 +20,7 @@ import functools
 import importlib
 import sys
 import types
-from typing import Any
+from typing import Any, Literal, Optional
 
 from .optim.registry import ALIASES, available_optimizers
 
@@ -119,6 +119,7 @@ def _spec_from_namespace(ns: Any) -> Any:
 @functools.lru_cache(maxsize=1)
 def optlab_cli_class() -> type:
     """The LightningCLI subclass (built on first use, so that ``import lightning_optlab.cli`` stays light)."""
+    from lightning.fabric.plugins import TorchCheckpointIO
     from lightning.pytorch.cli import LightningCLI
 
     from .configure import OptimizerSpec, check_constructor_arguments
@@ -148,6 +149,11 @@ def optlab_cli_class() -> type:
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_class_arguments(OptimizerSpec, "optimizer", instantiate=False)
             parser.link_arguments("optimizer", "model.optimizer", compute_fn=_spec_from_namespace)
+            parser.add_argument(
+                "--resume_override", type=Optional[Literal["optimizer"]], default=None,
+                help="with --ckpt_path: apply changed optimizer hyperparameters and schedule (lr, betas, eps, "
+                     "weight_decay, hparams, schedule, warmup_steps, total_steps, ...) to the restored optimizer "
+                     "and report them; without it a resume whose settings differ from the checkpoint's is refused")
             names = ", ".join(available_optimizers())
             parser.description = (f"Train a language model with the pack's optimizers (--optimizer.name: {names}). "
                                   "Recipes: recipes/*.yaml with --scale tiny|paper.")
@@ -158,6 +164,14 @@ def optlab_cli_class() -> type:
             ends with an error instead of training on at NaN (as the sweeps do)."""
             trainer = super().instantiate_trainer(**kwargs)
             from .callbacks.nonfinite import NonFiniteGuard
+            from .callbacks.resume import ResumeCheck, SafeCheckpointIO
+
+            if self.subcommand in ("fit", None):
+                config = self.config[self.subcommand] if self.subcommand else self.config
+                if not any(isinstance(c, ResumeCheck) for c in trainer.callbacks):
+                    trainer.callbacks.append(ResumeCheck(override_optimizer=config.get("resume_override") == "optimizer"))
+                if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+                    trainer.strategy.checkpoint_io = SafeCheckpointIO()
 
             if self.subcommand == "fit" and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 from lightning.pytorch.callbacks import Checkpoint
@@ -168,10 +182,28 @@ def optlab_cli_class() -> type:
                 trainer.callbacks.insert(first_ckpt, NonFiniteGuard(action="raise", check_state=False))
             return trainer
 
+        def _parse_ckpt_path(self) -> None:
+            """Check that ``ckpt_path`` is a readable checkpoint (a damaged or unsafe one is named here,
+            before anything is built). Unlike LightningCLI's own, the checkpoint's hyperparameters do
+            not replace the config's: :class:`ResumeCheck` compares them and refuses differences."""
+            if not self.config.get("subcommand"):
+                return
+            config = self.config[self.config.subcommand]
+            ckpt_path = config.get("ckpt_path")
+            if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+                return
+            from .checkpoint import load_checkpoint
+
+            load_checkpoint(ckpt_path, trust=config.get("weights_only") is False, mmap=True,
+                            trust_hint="--weights_only false")
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             opt = config["optimizer"]
             max_steps = config["trainer"].get("max_steps", -1) if config.get("trainer") else -1
+            if max_steps == 0 or (isinstance(max_steps, int) and max_steps < -1):
+                parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+                parser.error(f"--trainer.max_steps must be ≥ 1 (or -1 to train by max_epochs), got {max_steps}")
             if opt.get("total_steps") is None and opt.get("schedule", "constant") != "constant" and max_steps and max_steps > 0:
                 opt["total_steps"] = max_steps
             try:
@@ -180,6 +212,10 @@ def optlab_cli_class() -> type:
             except (ValueError, TypeError) as err:
                 parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
                 parser.error(f"--optimizer: {err}")  # usage and the message, exit status 2
+            from .schedules import warn_schedule
+
+            warn_schedule(spec.schedule, warmup_steps=spec.warmup_steps, total_steps=spec.total_steps,
+                          max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
             config["model"]["optimizer"] = opt.clone()
 
     return OptlabCLI
@@ -216,7 +252,7 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     """
     import yaml
 
-    from .sweep.recipe import is_recipe, load_yaml, resolve_recipe
+    from .sweep.recipe import RecipeYAMLError, is_recipe, load_yaml, resolve_recipe
 
     args, scale = [], None
     i = 0
@@ -245,13 +281,21 @@ def resolve_config_args(argv: list[str]) -> list[str]:
             continue
         try:
             data = load_yaml(path)
+        except RecipeYAMLError:
+            raise  # the file exists: its YAML error (file, line, column) is the message
         except (OSError, ValueError):
             out += ["--config", path]  # let jsonargparse report it (or take it as a YAML string)
             continue
         if is_recipe(data):
+            if scale is not None and not data.get("scales"):
+                raise ValueError(f"--scale {scale}: {path} has no `scales:` section, so there is nothing to select; "
+                                 "drop --scale (or add the scale to the recipe)")
             config, _ = resolve_recipe(data, scale)
             out += ["--config", yaml.safe_dump(config, sort_keys=False)]
         else:
+            if scale is not None:
+                raise ValueError(f"--scale {scale}: {path} is a plain config without `scales:`, so there is nothing "
+                                 "to select; drop --scale, or pass a recipe that defines it")
             out += ["--config", path]
     if scale is not None and not any(x in ("--config", "-c") or x.startswith("--config=") for x in args):
         raise ValueError("--scale selects a section of a recipe; give the recipe with --config")
@@ -264,10 +308,16 @@ def _lightning_main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"optlab {argv[0]}: {err}", file=sys.stderr)
         return 2
+    from .callbacks.resume import ResumeMismatchError
+    from .checkpoint import CheckpointError
+
     try:
         build_cli(args)
     except SystemExit as exc:  # argparse errors and --help
         return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else 2
+    except (CheckpointError, ResumeMismatchError) as err:  # a damaged, unsafe or mismatched resume
+        print(f"optlab {argv[0]}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,12 +20,13 @@ After ``T`` the factor stays at ``f``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["SCHEDULES", "ScheduleFactor", "build_scheduler"]
+__all__ = ["SCHEDULES", "ScheduleFactor", "build_scheduler", "schedule_warnings", "warn_schedule"]
 
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine", "wsd")
 
@@ -97,3 +98,32 @@ def build_scheduler(
     """
     factor = ScheduleFactor(schedule, warmup_steps, total_steps, min_lr_ratio, decay_fraction)
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def schedule_warnings(schedule: str, *, warmup_steps: int = 0, total_steps: int | None = None,
+                      max_steps: int | None = None) -> list[str]:
+    """What is legal but probably not meant in a schedule for a run of ``max_steps`` optimizer steps.
+
+    * a schedule that ends (``total_steps``) before the run does: the LR sits at its floor for the rest;
+    * a warmup that never ends within ``total_steps`` (or the run) under the ``constant`` schedule.
+    """
+    out = []
+    end = total_steps if total_steps is not None else max_steps
+    if schedule == "constant" and warmup_steps and end is not None and warmup_steps >= end:
+        which = "total_steps" if total_steps is not None else "trainer.max_steps"
+        out.append(f"warmup_steps ({warmup_steps}) ≥ {which} ({end}) under the constant schedule: the learning "
+                   f"rate never reaches its peak (it ends at {end}/{warmup_steps + 1} of lr); lower warmup_steps")
+    if schedule != "constant" and total_steps is not None and max_steps is not None and total_steps < max_steps:
+        out.append(f"total_steps ({total_steps}) < trainer.max_steps ({max_steps}): the {schedule} schedule ends at "
+                   f"step {total_steps} and the remaining {max_steps - total_steps} steps run at min_lr_ratio × lr; "
+                   "set total_steps to max_steps (or leave it unset: optlab fit fills it in)")
+    return out
+
+
+def warn_schedule(schedule: str, *, warmup_steps: int = 0, total_steps: int | None = None,
+                  max_steps: int | None = None) -> list[str]:
+    """:func:`schedule_warnings`, each issued as a ``UserWarning``; returns them."""
+    found = schedule_warnings(schedule, warmup_steps=warmup_steps, total_steps=total_steps, max_steps=max_steps)
+    for message in found:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return found

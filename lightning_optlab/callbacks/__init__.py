@@ -2,6 +2,7 @@
 
 from .health import PreconditionerHealth, plot_effective_lr
 from .nonfinite import NonFiniteError, NonFiniteGuard
+from .resume import ResumeCheck, ResumeMismatchError, SafeCheckpointIO
 from .schedule_free import ScheduleFreeModeSwitch, attach_schedule_free_switch
 from .stability import LossSpikeDetector, StabilityMonitor
 from .wallclock import WallClock, format_summary
@@ -17,4 +18,7 @@ __all__ = [
     "plot_effective_lr",
     "NonFiniteGuard",
     "NonFiniteError",
+    "ResumeCheck",
+    "ResumeMismatchError",
+    "SafeCheckpointIO",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 import re
 import warnings
 import zlib
@@ -70,7 +71,13 @@ def _is_shard(path: Path) -> bool:
 
 
 def _expand_directory(directory: Path) -> list[Path]:
-    files = sorted((p for p in directory.rglob("*") if p.is_file() and _is_shard(p)), key=_natural_key)
+    found = [p for p in directory.rglob("*") if _is_shard(p)]
+    broken = sorted((p for p in found if p.is_symlink() and not p.exists()), key=_natural_key)
+    if broken:  # a link to a shard that is gone: say so rather than train on less data
+        warnings.warn(f"{len(broken)} shard link(s) under {directory} point to nothing and are skipped "
+                      f"(first: {broken[0]} -> {os.readlink(broken[0])}); fix or remove them", UserWarning,
+                      stacklevel=3)
+    files = sorted((p for p in found if p.is_file()), key=_natural_key)
     if not files:
         raise FileNotFoundError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under directory {directory}")
     return files

@@ -180,6 +180,15 @@ class PackedDataset(IterableDataset):
                 yield text
             if count == 0:
                 seen = dict(reader.stats.sources_seen) if hasattr(reader, "stats") else {}
+                stats = getattr(reader, "stats", None)
+                if stats is not None and stats.documents == 0 and (stats.corrupt_lines or stats.bad_shards
+                                                                   or stats.empty):
+                    what = "validation data (val_data)" if self.split == "all" else f"{self.split!r} data"
+                    raise RuntimeError(
+                        f"the {what} has no usable document: {stats.files} file(s) read, {stats.corrupt_lines} "
+                        f"corrupt line(s), {stats.bad_shards} unreadable shard(s), {stats.empty} empty text(s) "
+                        f"(files: {', '.join(str(p) for p in getattr(reader, 'files', [])[:3]) or '?'}); "
+                        "fix or replace those files")
                 raise RuntimeError(
                     f"data stream {stream} of {self.n_streams} ({self.world_size} ranks x {max(1, self.num_workers)} "
                     f"workers) has no {self.split!r} documents: use more data, fewer workers or ranks, "

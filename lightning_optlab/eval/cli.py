@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["main", "load_checkpoint_model", "find_tokenizer"]
 
@@ -59,20 +60,13 @@ def _prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class CheckpointError(RuntimeError):
-    """The checkpoint cannot be used (unsafe to load, or no model description)."""
-
-
 def _load(path: Path, trust: bool) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds objects that loading with weights_only=True refuses (it would run pickled code): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. If you trust this file, rerun with "
-            "--trust-checkpoint") from err
+    # damaged, empty, not a checkpoint, or holding code (only then --trust-checkpoint): see checkpoint.py
+    ckpt = load_checkpoint(path, trust=trust, trust_hint="--trust-checkpoint")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a dict)",
+                              path=path, kind="not-torch")
+    return ckpt
 
 
 def load_checkpoint_model(path: str | Path, *, trust: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -83,11 +77,13 @@ def load_checkpoint_model(path: str | Path, *, trust: bool = False) -> tuple[tor
     spec = (ckpt.get("hyper_parameters") or {}).get("model")
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} has no state_dict: is it a Lightning checkpoint?")
+        raise CheckpointError(f"{path} has no state_dict: is it a Lightning checkpoint?", path=Path(path),
+                              kind="not-torch")
     if not isinstance(spec, (str, dict)):
         raise CheckpointError(f"{path} does not say which model it holds (hyper_parameters['model'] is "
                               f"{type(spec).__name__}); CausalLMModule records it when built from a preset name or "
-                              "config mapping — a module built from an nn.Module instance cannot be rebuilt here")
+                              "config mapping — a module built from an nn.Module instance cannot be rebuilt here",
+                              path=Path(path), kind="not-torch")
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     overrides = {}
     for key, value in weights.items():  # the vocabulary came from the datamodule: read it off the embedding
@@ -155,6 +151,13 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], ckpt: Path, task_dir: 
         print(f"optlab eval: {err}", file=sys.stderr)
         return 2
     metrics = metrics_from_results(results, tasks)
+    if args.task_dir != "samples":  # say where the datasets library wrote its cache of the task data
+        import os
+
+        from .run import _cache_dir
+
+        where = _cache_dir(task_dir, None) or os.environ.get("HF_DATASETS_CACHE") or "the Hugging Face datasets cache"
+        print(f"task data cache: {where}")
     print(format_table({ckpt.name: metrics}, tasks))
     if args.output:
         write_results(results, args.output)

@@ -131,14 +131,54 @@ def _set_rng_state(state: tuple[Any, ...]) -> None:
         torch.cuda.set_rng_state_all(state[3])
 
 
+def _cache_dir(task_dir: str | Path | None, cache_dir: str | Path | None) -> Path | None:
+    """The ``datasets`` cache for a task load: ``cache_dir``; for local tasks ``TASK_DIR/.datasets_cache``
+    (an offline run keeps its cache beside its task files, not in the user's Hugging Face cache) unless
+    ``HF_DATASETS_CACHE`` is set; ``None`` (the library's own) for hub tasks."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if task_dir is not None and not os.environ.get("HF_DATASETS_CACHE"):
+        return Path(task_dir) / ".datasets_cache"
+    return None
+
+
+class _datasets_cache:
+    """Point ``datasets``' cache (read at each ``load_dataset`` call) at ``folder`` for a block."""
+
+    _KEYS = ("HF_DATASETS_CACHE", "DOWNLOADED_DATASETS_PATH", "EXTRACTED_DATASETS_PATH")
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder, self.saved = folder, None
+
+    def __enter__(self) -> None:
+        if self.folder is None:
+            return
+        import datasets.config as dc
+
+        self.saved = {k: getattr(dc, k) for k in self._KEYS if hasattr(dc, k)}
+        values = {"HF_DATASETS_CACHE": self.folder, "DOWNLOADED_DATASETS_PATH": self.folder / "downloads",
+                  "EXTRACTED_DATASETS_PATH": self.folder / "downloads" / "extracted"}
+        for k in self.saved:
+            setattr(dc, k, values[k])
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved:
+            import datasets.config as dc
+
+            for k, v in self.saved.items():
+                setattr(dc, k, v)
+
+
 class TaskSet:
     """lm-eval tasks loaded once (datasets read, prompts configured), to evaluate several models.
 
     Args: as :func:`run_tasks`. Loading reads the data (local files, or the hub: see ``task_dir``).
+    ``cache_dir``: where ``datasets`` writes its cache of the task data; default ``TASK_DIR/.datasets_cache``
+    for local tasks (unless ``HF_DATASETS_CACHE`` is set), the Hugging Face cache for hub tasks.
     """
 
     def __init__(self, tasks: Sequence[str], *, task_dir: str | Path | None = None, num_fewshot: int = 0,
-                 fewshot_seed: int = 1234) -> None:
+                 fewshot_seed: int = 1234, cache_dir: str | Path | None = None) -> None:
         self.names = list(tasks)
         if not self.names:
             raise ValueError("tasks is empty: name at least one lm-eval task, e.g. ['arc_easy']")
@@ -147,8 +187,11 @@ class TaskSet:
         self.task_dir = task_dir
         self.num_fewshot = num_fewshot
         manager = _task_manager(task_dir, self.names)
+        #: where the ``datasets`` library writes its Arrow cache of the task files
+        self.cache_dir = _cache_dir(task_dir, cache_dir)
         try:
-            self.loaded = manager.load(self.names)
+            with _datasets_cache(self.cache_dir):
+                self.loaded = manager.load(self.names)
         except Exception as err:  # datasets / hub errors with the cache-only env vars set
             if task_dir is None and _is_network_error(err):
                 raise HubUnreachableError(offline_help(self.names)) from err

@@ -121,7 +121,9 @@ def _transfer(args: argparse.Namespace) -> int:
     from .shapes import mup_config
     from .transfer import transfer
 
-    proxy = yaml.safe_load(Path(args.proxy).read_text())
+    from ..sweep.recipe import load_yaml
+
+    proxy = load_yaml(args.proxy)  # a YAML error names the file and line
     result = transfer(proxy, args.target)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,13 +45,27 @@ AXIS_ALIASES: dict[str, str] = {
 _RECIPE_ONLY_KEYS = ("scales", "sweep", "scale")
 
 
+class RecipeYAMLError(ValueError):
+    """A recipe or config file that exists but is not valid YAML (the message names the file and line)."""
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file as a dict (an empty file is ``{}``); a shipped recipe's bare name (``lr_sweep``) is found
-    in the package (:func:`lightning_optlab.recipe_files.find_recipe`)."""
+    in the package (:func:`lightning_optlab.recipe_files.find_recipe`). Invalid YAML is an error naming the
+    file, line and column."""
     from ..recipe_files import find_recipe
 
-    path = find_recipe(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    path = find_recipe(path)  # FileNotFoundError naming the file and the shipped recipes
+    try:
+        with open(path, encoding="utf-8") as f:  # a stream, so that PyYAML's marks name the file
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise RecipeYAMLError(f"{path} is not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+                              + "; fix that line (YAML is indentation-sensitive; quote values with ':' or '#')") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping at the top level, got {type(data).__name__}")
     return data

@@ -145,6 +145,7 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
 
     from ..callbacks.nonfinite import NonFiniteError, NonFiniteGuard
     from ..callbacks.wallclock import WallClock
+    from ..checkpoint import read_global_step
     from ..cli import build_cli
 
     d = Path(point_dir).resolve()
@@ -160,7 +161,8 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     recorder.clock = next(c for c in trainer.callbacks if isinstance(c, WallClock))  # the recipe's, if it has one
     ckpt = d / "checkpoints" / "last.ckpt"
-    resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]) if ckpt.exists() else None
+    # weights only and memory-mapped: no code from the file runs, the optimizer state is not read
+    resumed_from = read_global_step(ckpt) if ckpt.exists() else None
     status, diverged_step, error = "done", None, None
     start = time.time()
     try:

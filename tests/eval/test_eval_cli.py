@@ -74,3 +74,34 @@ def test_prepare_and_eval_report_bad_input(tmp_path, capsys):
     assert "ARC-Easy-Test.jsonl" in capsys.readouterr().err
     assert main(["--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "truncated"])
+def test_a_damaged_checkpoint_is_diagnosed_as_damaged_not_unsafe(run, capsys, tmp_path, kind):
+    root, _, tasks = run
+    good = (root / "ckpts" / "last.ckpt").read_bytes()
+    bad = tmp_path / f"{kind}.ckpt"
+    bad.write_bytes({"random": bytes(range(256)) * 20, "empty": b"", "truncated": good[: len(good) // 3]}[kind])
+    args = ["--ckpt", str(bad), "--tokenizer", "bytes", "--task-dir", str(tasks), "--tasks", "arc_easy", "--limit", "2"]
+    for extra in ([], ["--trust-checkpoint"]):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and "--trust-checkpoint" not in err and "EOFError" not in err, err
+        assert ("not a torch checkpoint" if kind == "random" else "is damaged") in err
+
+
+def test_offline_eval_keeps_the_datasets_cache_beside_the_task_files(run, capsys, tmp_path, monkeypatch):
+    import datasets.config
+
+    root, _, tasks = run
+    user_cache = tmp_path / "user_hf_cache"
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", user_cache)
+    local = tmp_path / "tasks"
+    assert main(["prepare", "--samples", "--out", str(local)]) == 0
+    assert main(["--ckpt", str(root / "ckpts" / "last.ckpt"), "--task-dir", str(local), "--tasks", "arc_easy",
+                 "--limit", "2"]) == 0
+    assert f"task data cache: {local / '.datasets_cache'}" in capsys.readouterr().out
+    assert not user_cache.exists() or not any(user_cache.rglob("*"))  # nothing written to the user's cache
+    assert any((local / ".datasets_cache").rglob("*.arrow"))
+    assert datasets.config.HF_DATASETS_CACHE == user_cache  # restored after the load

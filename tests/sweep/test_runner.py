@@ -136,3 +136,29 @@ def test_a_bad_point_config_fails_that_point_and_a_fixed_recipe_reruns_it(tmp_pa
     recipe["optimizer"]["warmup_steps"] = 1
     (row,) = run_sweep(recipe, out, executor="inline")  # a point that never started takes the fixed config
     assert row["status"] == "done"
+
+
+class _Boom:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_code_is_refused_by_the_sweep_and_never_run(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "sweep"
+    recipe = _recipe(tmp_path, [1e-3])
+    from lightning_optlab.sweep.runner import prepare_sweep
+
+    _, (point,) = prepare_sweep(recipe, out)
+    marker = tmp_path / "ran"
+    (point / "checkpoints").mkdir()
+    torch.save({"global_step": 4, "payload": _Boom(marker)}, point / "checkpoints" / "last.ckpt")
+    (row,) = run_sweep(recipe, out, executor="inline")
+    assert not marker.exists()  # reading global_step did not unpickle the payload
+    assert row["status"] == "failed"
+    err = (point / "last_error.txt").read_text()
+    assert "UntrustedCheckpointError" in err and "io.open" in err and str(point / "checkpoints" / "last.ckpt") in err
