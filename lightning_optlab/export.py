@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the checkpoint)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load with weights_only=False (runs pickled code: only for files you trust)")
+                        help="load with full unpickling (runs code stored in the file: only for files you trust)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from .eval.cli import CheckpointError
 

@@ -4,7 +4,7 @@ that refuses changed settings instead of ignoring them.
 * :class:`SafeCheckpointIO` is Lightning's ``CheckpointIO`` with :func:`~lightning_optlab.checkpoint.
   save_checkpoint_atomic` (temp file in the same folder, fsync, rename; stale temp files of killed
   writers removed) and :func:`~lightning_optlab.checkpoint.load_checkpoint` (weights only unless
-  ``trainer.fit(weights_only=False)``, and a damaged file named as such).
+  ``trainer.fit`` is given ``weights_only`` false, and a damaged file named as such).
 * :class:`ResumeCheck` compares, when ``fit`` resumes from ``ckpt_path``, the model, the data and
   the optimizer settings of the run with those saved in the checkpoint. Any difference is refused
   with the list of differences (old → new). With ``override_optimizer=True`` differences of the
@@ -41,8 +41,8 @@ class ResumeMismatchError(ValueError):
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes atomically in the target folder and loads through the pack's
-    loader (weights only unless ``weights_only=False`` is passed, i.e. ``trainer.fit(weights_only=False)``
-    or ``optlab fit --weights_only false``)."""
+    loader (weights only unless ``trainer.fit`` is given ``weights_only`` false,
+    e.g. ``optlab fit --weights_only false``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -61,7 +61,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only)
         remove_stale_temp_files(Path(path).parent)  # partial files of a writer killed mid-save
         checkpoint = load_checkpoint(path, trust=weights_only is False, map_location=map_location,
-                                     trust_hint="--weights_only false (trainer.fit(..., weights_only=False))")
+                                     trust_hint="--weights_only false (in Python: trainer.fit with weights_only set to False)")
         for listener in list(self.on_loaded):
             listener(Path(path), checkpoint)
         return checkpoint

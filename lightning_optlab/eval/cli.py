@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="write lm-eval's results JSON here")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load with weights_only=False (runs pickled code: only for files you trust)")
+                        help="load with full unpickling (runs code stored in the file: only for files you trust)")
     return parser
 
 
