@@ -46,7 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
+
+from .stream import worker_slot
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_NAME", "TOKENIZER_NAME", "JOURNAL_NAME", "token_dtype",
            "is_prepared", "load_index", "TokenShards", "TokenShardDataset", "permute_blocks"]
@@ -345,11 +347,7 @@ class TokenShardDataset(IterableDataset):
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        loader_workers, slot = (info.num_workers, info.id) if info is not None else (0, 0)
-        if loader_workers != self.num_workers:
-            raise ValueError(f"TokenShardDataset was built for num_workers={self.num_workers} but the DataLoader "
-                             f"runs {loader_workers}; build both with the same value")
+        slot = worker_slot("TokenShardDataset", self.num_workers)
         step = max(1, self.num_workers)
         k = self.batches_consumed + slot
         end = None if self.cycle else self.batches_per_epoch()

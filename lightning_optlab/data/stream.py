@@ -75,6 +75,17 @@ def batches_before(k: int, w: int, n: int) -> int:
     return 0 if k <= w else (k - w + n - 1) // n
 
 
+
+def worker_slot(dataset: str, num_workers: int) -> int:
+    """This DataLoader worker's index (0 in the main process), after checking that the loader runs the
+    ``num_workers`` the dataset was built for (its batches are split by that count)."""
+    info = get_worker_info()
+    loader_workers, slot = (info.num_workers, info.id) if info is not None else (0, 0)
+    if loader_workers != num_workers:
+        raise ValueError(f"{dataset} was built for num_workers={num_workers} but the DataLoader runs "
+                         f"{loader_workers}; build both with the same value")
+    return slot
+
 class PackedDataset(IterableDataset):
     """Batches of packed token blocks, sharded over ranks and workers, resumable by batch count.
 
@@ -213,11 +224,7 @@ class PackedDataset(IterableDataset):
             yield torch.tensor(chunk, dtype=torch.long)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        loader_workers, slot = (info.num_workers, info.id) if info is not None else (0, 0)
-        if loader_workers != self.num_workers:
-            raise ValueError(f"PackedDataset was built for num_workers={self.num_workers} but the DataLoader runs "
-                             f"{loader_workers}; build both with the same value")
+        slot = worker_slot("PackedDataset", self.num_workers)
         n = max(1, self.num_workers)
         k = self.batches_consumed
         w = (slot + k) % n  # this slot must deliver batch k + slot next, which belongs to stream w
