@@ -105,9 +105,12 @@ def test_owner_ranks_keep_their_share_of_the_state_and_checkpoint_it_whole(runs,
 
 
 def test_refreshes_happened(runs):
-    for name in ("soap", "shampoo"):  # precondition_frequency 3: refreshes at steps 3 and 6
-        last = {st["last_refresh"] for st in runs["one"][name]["state"].values() if any(f is not None for f in st.get("factors", []))}
-        assert last == {6}, (name, last)
+    # precondition_frequency 3: SOAP refreshes at its steps 3 and 6 (its first step initializes),
+    # Shampoo (start_preconditioning_step 1) at 1, 4 and 7
+    for name, expected in (("soap", {6}), ("shampoo", {7})):
+        states = runs["one"][name]["state"].values()
+        last = {st["last_refresh"] for st in states if any(f is not None for f in st.get("factors", []))}
+        assert last == expected, (name, last)
 
 
 def test_ranks_with_different_parameters_get_a_clear_error(runs):
