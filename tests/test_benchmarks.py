@@ -133,7 +133,7 @@ def test_distributed_step_benchmark_measures_both_modes_and_the_state_per_rank(t
 
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "benchmarks" / "distributed_step.py"), "--width", "16", "--blocks",
-                          "2", "--steps", "2", "--json", str(tmp_path / "d.json")], capture_output=True, text=True,
+                          "2", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "d.json")], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, res.stderr[-3000:]
     out, rows = res.stdout, json.loads((tmp_path / "d.json").read_text())
