@@ -1,0 +1,138 @@
+"""Run by tests/lit/test_fsdp.py: tiny models trained by one plain process or by 2 CPU processes under
+Lightning's ModelParallelStrategy (FSDP2, gloo), launched with torchrun; the results are saved for the test.
+
+    python fsdp_script.py parity OUT OPT[,OPT...]        # one process, plain
+    torchrun --nproc_per_node 2 fsdp_script.py parity OUT OPT[,OPT...]
+    torchrun --nproc_per_node 2 fsdp_script.py resume OUT DIR
+    torchrun --nproc_per_node 2 fsdp_script.py init OUT
+
+Every run sees the same global batch: an explicit DistributedSampler gives rank r the samples
+r, r + world, ... of the single-process batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_optlab import OptimizerSpec
+from lightning_optlab.lit import CausalLMModule
+from lightning_optlab.models import build_model
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+STEPS = 8
+GLOBAL_BATCH = 8
+MODEL = {"family": "gpt2", "vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+LLAMA = {"family": "llama", "vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+
+
+def full_params(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Every parameter as a whole tensor (a collective under FSDP2: every rank calls it)."""
+    out = {}
+    for name, p in module.model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = t.detach().clone().cpu()
+    return out
+
+
+class Recorder(L.Callback):
+    """Per-step global losses, and the whole parameters at the start and the end of training."""
+
+    def __init__(self):
+        self.losses, self.start, self.end = [], None, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = full_params(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone()
+        if trainer.world_size > 1:  # the global batch's loss: the mean of the ranks' means
+            torch.distributed.all_reduce(loss)
+            loss /= trainer.world_size
+        self.losses.append(loss.item())
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = full_params(pl_module)
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, n_batches: int = STEPS):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tokens = list(torch.randint(0, 32, (n_batches * GLOBAL_BATCH, 17), generator=g))
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(self.tokens, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.tokens, batch_size=GLOBAL_BATCH // self.trainer.world_size, sampler=sampler)
+
+
+def trainer(max_steps: int, callbacks=(), precision="32-true", **kwargs) -> L.Trainer:
+    strategy = (ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1,
+                                      **kwargs.pop("strategy_kwargs", {})) if WORLD > 1 else "auto")
+    defaults = dict(logger=False, enable_checkpointing=False)
+    defaults.update(kwargs)
+    return L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, precision=precision, max_steps=max_steps,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                     use_distributed_sampler=False, num_sanity_val_steps=0, **defaults)
+
+
+# what an optimizer needs beyond the common spec
+EXTRA = {
+    "adam_mini": {"hparams": {"n_heads": 2}},
+    "muon": {"lr": 0.02, "mix": [{"optimizer": "adamw", "roles": ["embedding", "readout", "norm", "bias"], "lr": 3e-3}]},
+    "schedule_free_adamw": {"schedule": "constant"},  # it replaces the schedule
+}
+
+
+def spec(name: str) -> OptimizerSpec:
+    kwargs = {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 1, "total_steps": STEPS, **EXTRA.get(name, {})}
+    return OptimizerSpec(name=name, **kwargs)
+
+
+def parity(out: str, names: str) -> None:
+    results = {}
+    for entry in names.split(","):
+        name, _, family = entry.partition(":")  # "adamw:llama" trains the LLaMA model
+        L.seed_everything(0, verbose=False)
+        module = CausalLMModule(LLAMA if family == "llama" else MODEL, spec(name),
+                                fsdp={"init": "full"} if WORLD > 1 else None)
+        rec = Recorder()
+        try:
+            trainer(STEPS, [rec]).fit(module, datamodule=Data())
+            results[entry] = {"losses": rec.losses, "start": rec.start, "end": rec.end}
+        except Exception as err:  # e.g. "needs whole tensors": recorded for the test to judge
+            results[entry] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, out)
+
+
+def init_check(out: str) -> None:
+    """The whole initial weights of meta-device init (the default) and of init="full", 2 processes."""
+    results = {}
+    for mode in ("meta", "full"):
+        L.seed_everything(0, verbose=False)
+        module = CausalLMModule(MODEL, spec("adamw"), fsdp={"init": mode})
+        rec = Recorder()
+        trainer(1, [rec]).fit(module, datamodule=Data())
+        results[mode] = rec.start
+        names = [n for n, _ in module.model.named_parameters()]
+        results[mode + "_names"] = names
+    L.seed_everything(0, verbose=False)
+    results["plain"] = {n: p.detach().clone() for n, p in build_model(MODEL).named_parameters()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, out)
+
+
+if __name__ == "__main__":
+    mode, out, *rest = sys.argv[1:]
+    # float64 through and through (ModelParallelStrategy refuses precision="64-true": the models are
+    # built in the default dtype, and the loss keeps float64 logits in float64)
+    torch.set_default_dtype(torch.float64)
+    {"parity": parity, "init": init_check}[mode](out, *rest)
