@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
-__all__ = ["FSDPConfig", "shard_units", "shard_model", "is_sharded", "reattach_param_attrs"]
+__all__ = ["FSDPConfig", "shard_units", "shard_model", "is_sharded", "init_sharded", "param_attrs", "reattach_param_attrs"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # attributes the pack hangs on parameters, which fully_shard's new DTensor parameters would lose
@@ -103,7 +103,8 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _param_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+def param_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{parameter name: {attribute: value}}`` of the pack's attributes on the parameters (μP's ``infshape``)."""
     return {n: {a: getattr(p, a) for a in _PARAM_ATTRS if hasattr(p, a)} for n, p in model.named_parameters()}
 
 
@@ -127,7 +128,7 @@ def shard_model(model: nn.Module, mesh: Any, config: FSDPConfig) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    attrs = _param_attrs(model)
+    attrs = param_attrs(model)
     units = shard_units(model)
     if not units:
         warnings.warn(f"{type(model).__name__} declares no transformer blocks (no `blocks` ModuleList, no "
@@ -149,7 +150,9 @@ def init_sharded(model: nn.Module, device: torch.device, init: Any, rank: int) -
     RNG stream is untouched): with one shared seed every rank would draw the same values, and the
     rows of every matrix would repeat world-size times.
     """
-    model.to_empty(device=device)
+    attrs = param_attrs(model)
+    model.to_empty(device=device)  # swaps the DTensor parameters' contents, attributes included
+    reattach_param_attrs(model, attrs)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if device.type != "cpu" else "cuda"):
         torch.manual_seed(torch.initial_seed() + rank)

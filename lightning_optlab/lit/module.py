@@ -15,7 +15,7 @@ from torchmetrics.text import Perplexity
 
 from ..configure import OptimizerSpec, configure
 from ..optim.base import run_training_step_hooks
-from .fsdp import FSDPConfig, init_sharded, is_sharded, shard_model
+from .fsdp import FSDPConfig, init_sharded, is_sharded, param_attrs, reattach_param_attrs, shard_model
 
 __all__ = ["CausalLMModule", "logits_of"]
 
@@ -169,6 +169,10 @@ class CausalLMModule(L.LightningModule):
                 "initialize them after sharding: build it on a real device, or give it an init_weights() method"
             )
         shard_model(model, self._data_parallel_mesh(), fsdp)
+        # The strategy moves and converts the sharded model after this hook; FSDP2's DTensor
+        # parameters go through torch.utils.swap_tensors there, which drops their attributes
+        # (μP's infshape): they are put back, by name, wherever they are read.
+        self._param_attrs = param_attrs(model)
         if meta:
             fan_in = {}
             if self.spec.mup and self._model_spec is not None:
@@ -284,9 +288,16 @@ class CausalLMModule(L.LightningModule):
             self.log("hp_metric", self.val_loss.compute())
 
     def configure_optimizers(self) -> Any:
+        self._restore_param_attrs()
         return configure(self, self.spec)
 
+    def _restore_param_attrs(self) -> None:
+        saved = getattr(self, "_param_attrs", None)
+        if saved and self.model is not None:
+            reattach_param_attrs(self.model, saved)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restore_param_attrs()
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
         checkpoint["optlab_optimizer"] = self._optimizer_identity()
         if self.spec.mup and self.model is not None:
@@ -308,6 +319,7 @@ class CausalLMModule(L.LightningModule):
                 "(initialize from the checkpoint's weights without ckpt_path)"
             )
         saved = checkpoint.get("optlab_mup_base_shapes")
+        self._restore_param_attrs()
         if saved is not None and self.model is not None:
             if not self.spec.mup:
                 raise ValueError("this checkpoint was trained with μP; resume with the same `mup` base "

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_optlab import OptimizerSpec
 from lightning_optlab.lit import CausalLMModule
 from lightning_optlab.models import build_model
+from lightning_optlab.mup import build_mup_model
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 STEPS = 8
 GLOBAL_BATCH = 8
 MODEL = {"family": "gpt2", "vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+MUP_BASE = 8  # μP relative to the same model at width 8
 LLAMA = {"family": "llama", "vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
 
 
@@ -99,9 +101,10 @@ def spec(name: str) -> OptimizerSpec:
 def parity(out: str, names: str) -> None:
     results = {}
     for entry in names.split(","):
-        name, _, family = entry.partition(":")  # "adamw:llama" trains the LLaMA model
+        name, _, variant = entry.partition(":")  # "adamw:llama" trains the LLaMA model, "adamw:mup" in μP
         L.seed_everything(0, verbose=False)
-        module = CausalLMModule(LLAMA if family == "llama" else MODEL, spec(name),
+        module = CausalLMModule(LLAMA if variant == "llama" else MODEL, spec(name),
+                                mup=MUP_BASE if variant == "mup" else None,
                                 fsdp={"init": "full"} if WORLD > 1 else None)
         rec = Recorder()
         try:
@@ -125,7 +128,23 @@ def init_check(out: str) -> None:
         names = [n for n, _ in module.model.named_parameters()]
         results[mode + "_names"] = names
     L.seed_everything(0, verbose=False)
+    module = CausalLMModule(MODEL, spec("adamw"), mup=MUP_BASE)  # μP, meta init (the default)
+    rec = Recorder()
+    trainer(1, [rec]).fit(module, datamodule=Data())
+    results["mup_meta"] = rec.start
+    results["mup_infshape"] = {n: str(p.infshape) for n, p in module.model.named_parameters()}
+    L.seed_everything(0, verbose=False)
     results["plain"] = {n: p.detach().clone() for n, p in build_model(MODEL).named_parameters()}
+    L.seed_everything(0, verbose=False)
+    results["mup_plain"] = {n: p.detach().clone() for n, p in build_mup_model(MODEL, base=MUP_BASE).named_parameters()}
+    # bad input: ModelParallelStrategy's default mesh on one node is all tensor parallel
+    try:
+        L.Trainer(accelerator="cpu", devices=WORLD, strategy=ModelParallelStrategy(), max_steps=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False).fit(
+            CausalLMModule(MODEL, spec("adamw")), datamodule=Data())
+        results["tp_error"] = None
+    except ValueError as err:
+        results["tp_error"] = str(err)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
 

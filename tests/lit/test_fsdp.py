@@ -18,7 +18,9 @@ import torch
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
 ROOT = Path(__file__).parents[2]
 
-DIAGONAL = ["adamw", "adamw:llama", "lion", "signum", "sgd", "sophia", "schedule_free_adamw",
+# "name:llama" trains the LLaMA model; "name:mup" the GPT in μP (base width 8): the μP group rewrite
+# reads the logical shapes of the DTensor parameters
+DIAGONAL = ["adamw", "adamw:llama", "adamw:mup", "lion", "lion:mup", "signum", "sgd", "sophia", "schedule_free_adamw",
             "adam_mini", "adafactor", "adalayer"]
 # need the optimizer-side distributor (owner ranks); refused as "needs whole tensors" until it lands
 MATRIX = ["soap", "shampoo", "muon"]
@@ -68,3 +70,44 @@ def test_two_process_fsdp2_matches_one_process(parity_runs, optimizer):
         # atol: a parameter whose true gradient is 0 (the key bias: softmax ignores a shift shared by
         # all keys) moves by rounding noise only
         assert diff <= 1e-5 * moved + 1e-12, f"{name}: differs by {diff:.3g}, moved {moved:.3g}"
+
+
+@pytest.fixture(scope="module")
+def init_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_init")
+    run_script("init", str(tmp / "init.pt"), world=2, cwd=tmp)
+    return torch.load(tmp / "init.pt", weights_only=False)
+
+
+def test_full_init_equals_the_unsharded_init(init_runs):
+    for name, p in init_runs["plain"].items():
+        assert torch.equal(init_runs["full"][name], p), name
+
+
+@pytest.mark.parametrize("kind", ["plain", "mup"])
+def test_meta_init_has_the_unsharded_distribution(init_runs, kind):
+    """Meta-device init draws every shard on its own rank: the same distribution as the unsharded
+    init (μP's fan-in scaling included), not the same values, and no rank repeats another's draws."""
+    ref, meta = (init_runs["plain"], init_runs["meta"]) if kind == "plain" else (init_runs["mup_plain"], init_runs["mup_meta"])
+    assert set(meta) == set(ref)
+    for name, p in ref.items():
+        m = meta[name]
+        assert m.shape == p.shape and m.dtype == p.dtype, name
+        if p.std() == 0:  # zeros and ones (biases, norms, a zeroed readout) exactly
+            assert torch.equal(m, p), name
+            continue
+        assert m.std().item() == pytest.approx(p.std().item(), rel=0.2), name
+        half = m.shape[0] // 2
+        assert not torch.equal(m[:half], m[half:2 * half]), f"{name}: both ranks drew the same shard"
+
+
+def test_mup_base_shapes_survive_sharding(init_runs):
+    shapes = init_runs["mup_infshape"]
+    assert shapes["blocks.0.attn.q_proj.weight"] == "InfShape([InfDim(8, 16), InfDim(8, 16)])"
+    assert shapes["wte.weight"] == "InfShape([InfDim(None, 32), InfDim(8, 16)])"  # global, not the local (16, 16)
+
+
+def test_a_tensor_parallel_mesh_is_a_clear_error(init_runs):
+    message = init_runs["tp_error"]
+    assert message is not None and "tensor_parallel_size=2" in message
+    assert "ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in message
