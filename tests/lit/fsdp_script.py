@@ -149,9 +149,68 @@ def init_check(out: str) -> None:
         torch.save(results, out)
 
 
+def full_optimizer_state(trainer_: L.Trainer) -> dict:
+    """The optimizer state with whole tensors, keyed by parameter name (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    module, opt = trainer_.lightning_module, trainer_.optimizers[0]
+    if WORLD == 1 and not isinstance(trainer_.strategy, ModelParallelStrategy):
+        names = {id(p): n for n, p in module.named_parameters()}
+        state = {names[id(p)]: dict(s) for p, s in opt.state.items()}
+        return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+    sd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"state": sd.get("state", {}), "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                          for g in sd.get("param_groups", [])]}
+
+
+def resume(out: str, ckpt_dir: str, names: str = "adamw,sophia") -> None:
+    """Per optimizer: 8 uninterrupted steps; 4 steps saving a distributed checkpoint; a resume to 8."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    results = {}
+    for name in names.split(","):
+        runs = {}
+        for phase in ("full", "first", "resumed"):
+            L.seed_everything(0, verbose=False)
+            module = CausalLMModule(MODEL, spec(name), fsdp={"init": "full"})
+            rec = Recorder()
+            callbacks = [rec]
+            if phase == "first":
+                callbacks.append(ModelCheckpoint(dirpath=f"{ckpt_dir}/{name}", every_n_train_steps=4, save_top_k=-1))
+            t = trainer(4 if phase == "first" else STEPS, callbacks, enable_checkpointing=phase == "first")
+            # 4 batches an epoch: the checkpoint falls on an epoch's end, so the resume's data are the run's
+            t.fit(module, datamodule=Data(n_batches=4),
+                  ckpt_path=f"{ckpt_dir}/{name}/epoch=0-step=4.ckpt" if phase == "resumed" else None)
+            runs[phase] = {"losses": rec.losses, "end": rec.end, "opt": full_optimizer_state(t),
+                           "global_step": t.global_step}
+        results[name] = runs
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, out)
+
+
+def resume_other_world(out: str, ckpt_dir: str, names: str = "adamw,sophia") -> None:
+    """The 2-process checkpoints resumed by this many processes (under ModelParallelStrategy)."""
+    results = {}
+    for name in names.split(","):
+        L.seed_everything(0, verbose=False)
+        module = CausalLMModule(MODEL, spec(name), fsdp={"init": "meta"})
+        rec = Recorder()
+        strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+        t = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=STEPS, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[rec], use_distributed_sampler=False)
+        try:
+            t.fit(module, datamodule=Data(n_batches=4), ckpt_path=f"{ckpt_dir}/{name}/epoch=0-step=4.ckpt")
+            results[name] = {"losses": rec.losses, "end": rec.end, "opt": full_optimizer_state(t)}
+        except Exception as err:
+            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, out)
+
+
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
     # float64 through and through (ModelParallelStrategy refuses precision="64-true": the models are
     # built in the default dtype, and the loss keeps float64 logits in float64)
     torch.set_default_dtype(torch.float64)
-    {"parity": parity, "init": init_check}[mode](out, *rest)
+    {"parity": parity, "init": init_check, "resume": resume, "resume_other_world": resume_other_world}[mode](out, *rest)

@@ -111,3 +111,54 @@ def test_a_tensor_parallel_mesh_is_a_clear_error(init_runs):
     message = init_runs["tp_error"]
     assert message is not None and "tensor_parallel_size=2" in message
     assert "ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in message
+
+
+RESUMED = ["adamw", "sophia"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """2 processes: 8 steps; 4 steps saving a distributed checkpoint, resumed to 8. Then the same
+    checkpoint resumed by 1 process under ModelParallelStrategy (DCP reshards on load)."""
+    tmp = tmp_path_factory.mktemp("fsdp_resume")
+    names = ",".join(RESUMED)
+    run_script("resume", str(tmp / "res.pt"), str(tmp / "ckpt"), names, world=2, cwd=tmp)
+    run_script("resume_other_world", str(tmp / "res1.pt"), str(tmp / "ckpt"), names, world=1, cwd=tmp)
+    return (torch.load(tmp / "res.pt", weights_only=False), torch.load(tmp / "res1.pt", weights_only=False),
+            tmp / "ckpt")
+
+
+def _state_tensors(opt: dict) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v for n, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("optimizer", RESUMED)
+def test_sharded_checkpoint_resumes_exactly_at_the_same_world_size(resume_runs, optimizer):
+    runs = resume_runs[0][optimizer]
+    full, first, resumed = runs["full"], runs["first"], runs["resumed"]
+    assert (first["global_step"], resumed["global_step"], full["global_step"]) == (4, 8, 8)
+    assert first["losses"] + resumed["losses"] == full["losses"]  # bitwise
+    for name, w in full["end"].items():
+        assert torch.equal(resumed["end"][name], w), name
+    a, b = _state_tensors(full["opt"]), _state_tensors(resumed["opt"])
+    assert a.keys() == b.keys() and len(a) > 0
+    for key, v in a.items():
+        assert torch.equal(b[key], v), key
+    assert [g["lr"] for g in resumed["opt"]["param_groups"]] == [g["lr"] for g in full["opt"]["param_groups"]]
+
+
+@pytest.mark.parametrize("optimizer", RESUMED)
+def test_sharded_checkpoint_resumes_at_another_world_size(resume_runs, optimizer):
+    """Diagonal state is resharded exactly by DCP: 1 process continues the 2-process run (to rounding:
+    the 2-process run sums its gradient in another order)."""
+    runs, other = resume_runs[0][optimizer], resume_runs[1][optimizer]
+    assert "error" not in other, other.get("trace")
+    assert other["losses"] == pytest.approx(runs["full"]["losses"][4:], rel=1e-12)
+    for name, w in runs["full"]["end"].items():
+        moved = (w - runs["first"]["end"][name]).norm().item()
+        diff = (other["end"][name] - w).norm().item()
+        assert diff <= 1e-9 * moved + 1e-12, f"{name}: differs by {diff:.3g}, moved {moved:.3g}"
+    a, b = _state_tensors(runs["full"]["opt"]), _state_tensors(other["opt"])
+    assert a.keys() == b.keys()
+    for key, v in a.items():
+        torch.testing.assert_close(b[key].double(), v.double(), rtol=1e-9, atol=1e-15, msg=key)
