@@ -190,20 +190,27 @@ def resume(out: str, ckpt_dir: str, names: str = "adamw,sophia") -> None:
 
 def resume_other_world(out: str, ckpt_dir: str, names: str = "adamw,sophia") -> None:
     """The 2-process checkpoints resumed by this many processes (under ModelParallelStrategy)."""
+    from lightning_optlab.callbacks.resume import ResumeCheck, SafeCheckpointIO
+
     results = {}
-    for name in names.split(","):
+    for entry in names.split(","):
+        # "name" resumes under ModelParallelStrategy; "name:plain" under the default strategy, with the
+        # pack's SafeCheckpointIO (it reads the shards whole) and ResumeCheck
+        name, _, how = entry.partition(":")
         L.seed_everything(0, verbose=False)
-        module = CausalLMModule(MODEL, spec(name), fsdp={"init": "meta"})
+        plain = how == "plain"
+        module = CausalLMModule(MODEL, spec(name), fsdp=None if plain else {"init": "meta"})
         rec = Recorder()
-        strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+        strategy = "auto" if plain else ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
         t = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=STEPS, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[rec], use_distributed_sampler=False)
+                      callbacks=[rec, ResumeCheck()], use_distributed_sampler=False,
+                      plugins=[SafeCheckpointIO()] if plain else None)
         try:
             t.fit(module, datamodule=Data(n_batches=4), ckpt_path=f"{ckpt_dir}/{name}/epoch=0-step=4.ckpt")
-            results[name] = {"losses": rec.losses, "end": rec.end, "opt": full_optimizer_state(t)}
+            results[entry] = {"losses": rec.losses, "end": rec.end, "opt": full_optimizer_state(t)}
         except Exception as err:
-            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+            results[entry] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
 

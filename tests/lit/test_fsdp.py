@@ -123,7 +123,8 @@ def resume_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_resume")
     names = ",".join(RESUMED)
     run_script("resume", str(tmp / "res.pt"), str(tmp / "ckpt"), names, world=2, cwd=tmp)
-    run_script("resume_other_world", str(tmp / "res1.pt"), str(tmp / "ckpt"), names, world=1, cwd=tmp)
+    other = ",".join([*RESUMED, *(f"{n}:plain" for n in RESUMED)])
+    run_script("resume_other_world", str(tmp / "res1.pt"), str(tmp / "ckpt"), other, world=1, cwd=tmp)
     return (torch.load(tmp / "res.pt", weights_only=False), torch.load(tmp / "res1.pt", weights_only=False),
             tmp / "ckpt")
 
@@ -147,11 +148,14 @@ def test_sharded_checkpoint_resumes_exactly_at_the_same_world_size(resume_runs, 
     assert [g["lr"] for g in resumed["opt"]["param_groups"]] == [g["lr"] for g in full["opt"]["param_groups"]]
 
 
+@pytest.mark.parametrize("how", ["ModelParallelStrategy", "plain"])
 @pytest.mark.parametrize("optimizer", RESUMED)
-def test_sharded_checkpoint_resumes_at_another_world_size(resume_runs, optimizer):
+def test_sharded_checkpoint_resumes_at_another_world_size(resume_runs, optimizer, how):
     """Diagonal state is resharded exactly by DCP: 1 process continues the 2-process run (to rounding:
-    the 2-process run sums its gradient in another order)."""
-    runs, other = resume_runs[0][optimizer], resume_runs[1][optimizer]
+    the 2-process run sums its gradient in another order), under ModelParallelStrategy or under the
+    default strategy with the pack's SafeCheckpointIO (which reads the shards whole) and ResumeCheck."""
+    runs = resume_runs[0][optimizer]
+    other = resume_runs[1][optimizer if how == "ModelParallelStrategy" else f"{optimizer}:plain"]
     assert "error" not in other, other.get("trace")
     assert other["losses"] == pytest.approx(runs["full"]["losses"][4:], rel=1e-12)
     for name, w in runs["full"]["end"].items():
@@ -162,3 +166,38 @@ def test_sharded_checkpoint_resumes_at_another_world_size(resume_runs, optimizer
     assert a.keys() == b.keys()
     for key, v in a.items():
         torch.testing.assert_close(b[key].double(), v.double(), rtol=1e-9, atol=1e-15, msg=key)
+
+
+def test_checkpoint_helpers_read_a_distributed_checkpoint(resume_runs):
+    from lightning_optlab.checkpoint import (DamagedCheckpointError, is_distributed_checkpoint, load_checkpoint,
+                                             read_global_step, verify_checkpoint)
+
+    ckpt = resume_runs[2] / "adamw" / "epoch=0-step=4.ckpt"
+    assert ckpt.is_dir() and is_distributed_checkpoint(ckpt)
+    assert read_global_step(ckpt) == 4
+    verify_checkpoint(ckpt)
+    look = load_checkpoint(ckpt, mmap=True)  # the metadata only
+    assert look["global_step"] == 4 and "state_dict" not in look
+    full = load_checkpoint(ckpt)  # a one-file checkpoint's layout, the tensors whole
+    weights = resume_runs[0]["adamw"]["first"]["end"]
+    for name, w in weights.items():
+        assert torch.equal(full["state_dict"][f"model.{name}"], w), name
+    (opt,) = full["optimizer_states"]
+    assert sorted(opt["state"]) == list(range(len(weights)))
+    assert [i for g in opt["param_groups"] for i in g["params"]] == list(range(len(weights)))
+
+
+def test_a_cut_short_distributed_checkpoint_is_reported_damaged(resume_runs, tmp_path):
+    import shutil
+
+    from lightning_optlab.checkpoint import DamagedCheckpointError, load_checkpoint
+
+    cut = tmp_path / "step=4.ckpt"
+    shutil.copytree(resume_runs[2] / "adamw" / "epoch=0-step=4.ckpt", cut)
+    (cut / "meta.pt").unlink()
+    with pytest.raises(DamagedCheckpointError, match="without meta.pt: its save was cut short"):
+        load_checkpoint(cut)
+    shutil.copytree(resume_runs[2] / "adamw" / "epoch=0-step=4.ckpt", cut, dirs_exist_ok=True)
+    next(cut.glob("__1_*.distcp")).unlink()
+    with pytest.raises(DamagedCheckpointError, match="shards cannot be read"):
+        load_checkpoint(cut)
