@@ -18,6 +18,7 @@ import traceback
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -215,9 +216,90 @@ def resume_other_world(out: str, ckpt_dir: str, names: str = "adamw,sophia") -> 
         torch.save(results, out)
 
 
+class MemoryLogger(Logger):
+    """Keeps what is logged (rank zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    name, version = "memory", 0
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class Poison(L.Callback):
+    """Puts a NaN into one parameter's gradient on one rank only (its shard under FSDP2), after the
+    gradients were reduced: only that rank sees it."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            g = pl_module.model.blocks[0].mlp.up_proj.weight.grad
+            (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = float("nan")
+
+
+def _all(value):
+    """Every rank's ``value`` (rank order)."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def callbacks_check(out: str, ckpt_dir: str) -> None:
+    """NonFiniteGuard, WallClock and PreconditionerHealth on 2 ranks, under FSDP2 and under DDP."""
+    from lightning_optlab.callbacks import NonFiniteGuard, PreconditionerHealth, WallClock
+    from lightning_optlab.callbacks.health import _merge_over_ranks
+
+    results = {}
+    rank = int(os.environ["RANK"])
+    for strategy in ("fsdp", "ddp"):
+        for action in ("skip", "stop"):
+            L.seed_everything(0, verbose=False)
+            module = CausalLMModule(MODEL, spec("adamw"), fsdp={"init": "full"} if strategy == "fsdp" else None)
+            guard = NonFiniteGuard(action=action, check_every_n_steps=1, dirpath=f"{ckpt_dir}/{strategy}-{action}")
+            clock = WallClock(log_every_n_steps=2, verbose=False)
+            health = PreconditionerHealth(every_n_steps=2, plot=False)
+            logger = MemoryLogger()
+            t = _trainer_for(strategy, 6, [Poison(step=2), guard, clock, health], logger)
+            t.fit(module, datamodule=Data(n_batches=6))
+            weights = {n: v.sum().item() for n, v in full_params(module).items()}
+            results[(strategy, action)] = {
+                "events": _all(guard.events), "global_step": _all(t.global_step),
+                "saved": _all(guard.saved_checkpoints), "weights": _all(weights),
+                "rank_seconds": _all(clock.rank_seconds),
+                "logged": logger.metrics if rank == 0 else None,
+            }
+    merged = _merge_over_ranks({f"owned{rank}": {"cond": float(rank)}, "shared": {"x": float(rank)}},
+                               {f"owned{rank}": "hidden", "shared": "norm"}, None)
+    results["merge"] = merged
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _trainer_for(strategy: str, max_steps: int, callbacks, logger) -> L.Trainer:
+    if strategy == "fsdp":
+        return trainer(max_steps, callbacks, logger=logger, log_every_n_steps=1)
+    return L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=max_steps, logger=logger,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks), use_distributed_sampler=False, log_every_n_steps=1)
+
+
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
     # float64 through and through (ModelParallelStrategy refuses precision="64-true": the models are
     # built in the default dtype, and the loss keeps float64 logits in float64)
     torch.set_default_dtype(torch.float64)
-    {"parity": parity, "init": init_check, "resume": resume, "resume_other_world": resume_other_world}[mode](out, *rest)
+    modes = {"parity": parity, "init": init_check, "resume": resume, "resume_other_world": resume_other_world,
+             "callbacks": callbacks_check}
+    modes[mode](out, *rest)

@@ -201,3 +201,60 @@ def test_a_cut_short_distributed_checkpoint_is_reported_damaged(resume_runs, tmp
     next(cut.glob("__1_*.distcp")).unlink()
     with pytest.raises(DamagedCheckpointError, match="shards cannot be read"):
         load_checkpoint(cut)
+
+
+@pytest.fixture(scope="module")
+def callback_runs(tmp_path_factory):
+    """2 processes, under FSDP2 and under DDP: a NaN put into one rank's gradient (its shard under
+    FSDP2) at step 2, with NonFiniteGuard (skip, stop), WallClock and PreconditionerHealth."""
+    tmp = tmp_path_factory.mktemp("fsdp_callbacks")
+    run_script("callbacks", str(tmp / "cb.pt"), str(tmp / "ckpt"), world=2, cwd=tmp)
+    return torch.load(tmp / "cb.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("action", ["skip", "stop"])
+def test_nonfinite_guard_agrees_across_ranks(callback_runs, strategy, action):
+    from lightning_optlab.checkpoint import is_distributed_checkpoint
+
+    run = callback_runs[(strategy, action)]
+    expected = [{"step": 2, "where": "gradient", "tensors": ["model.blocks.0.mlp.up_proj.weight (nan)"],
+                 "action": action}]
+    assert run["events"] == [expected, expected]  # rank 0 never saw the NaN, and names it too
+    assert run["weights"][0] == run["weights"][1]
+    if action == "skip":
+        assert run["global_step"] == [6, 6]
+    else:
+        assert run["global_step"] == [3, 3]  # both stopped after the bad step
+        assert run["saved"][0] == run["saved"][1] and len(run["saved"][0]) == 1
+        saved = Path(run["saved"][0][0])
+        assert is_distributed_checkpoint(saved) if strategy == "fsdp" else saved.is_file()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_wallclock_reports_every_rank_and_the_slowest(callback_runs, strategy):
+    run = callback_runs[(strategy, "skip")]
+    assert run["rank_seconds"][0] == run["rank_seconds"][1] and len(run["rank_seconds"][0]) == 2
+    logged = run["logged"]
+    steps = [logged[f"wallclock/rank{r}/step_seconds"] for r in range(2)]
+    assert all(s > 0 for s in steps)
+    assert logged["wallclock/step_seconds_max"] == max(steps)
+    assert logged["wallclock/slowest_rank"] == float(steps.index(max(steps)))
+    assert logged["wallclock/optimizer_seconds_max"] == max(logged[f"wallclock/rank{r}/optimizer_seconds"] for r in range(2))
+
+
+def test_health_gradient_norms_are_of_the_logical_parameters(callback_runs):
+    """Under FSDP2 the sharded gradients' norms are summed over ranks: they equal DDP's whole-gradient norms."""
+    fsdp, ddp = callback_runs[("fsdp", "skip")]["logged"], callback_runs[("ddp", "skip")]["logged"]
+    keys = [k for k in ddp if k.endswith("grad_norm")]
+    assert "health/grad_norm" in keys and "health_param/model.wte.weight/grad_norm" in keys
+    for key in keys:
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-6), key  # the callback takes norms in float32
+    assert "health/hidden/eff_lr_q50" in ddp  # DDP: the optimizer's own statistics too
+
+
+def test_health_merges_owner_rank_statistics(callback_runs):
+    """Each rank reports what it holds (an owner rank its matrices); the lowest rank wins a shared key."""
+    per_param, roles, readout = callback_runs["merge"]
+    assert per_param == {"owned0": {"cond": 0.0}, "owned1": {"cond": 1.0}, "shared": {"x": 0.0}}
+    assert roles == {"owned0": "hidden", "owned1": "hidden", "shared": "norm"} and readout is None
