@@ -35,6 +35,14 @@ MUP_BASE = 8  # μP relative to the same model at width 8
 LLAMA = {"family": "llama", "vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
 
 
+def hf_llama():
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 def full_params(module: L.LightningModule) -> dict[str, torch.Tensor]:
     """Every parameter as a whole tensor (a collective under FSDP2: every rank calls it)."""
     out = {}
@@ -102,10 +110,13 @@ def spec(name: str) -> OptimizerSpec:
 def parity(out: str, names: str) -> None:
     results = {}
     for entry in names.split(","):
-        name, _, variant = entry.partition(":")  # "adamw:llama" trains the LLaMA model, "adamw:mup" in μP
+        # "adamw:llama" trains the LLaMA model, "adamw:mup" the GPT in μP, "adamw:hf" a Hugging Face
+        # LlamaForCausalLM (an nn.Module: sharded per decoder layer as given), "adamw:f32" in float32
+        name, _, variant = entry.partition(":")
+        torch.set_default_dtype(torch.float32 if variant == "f32" else torch.float64)
         L.seed_everything(0, verbose=False)
-        module = CausalLMModule(LLAMA if variant == "llama" else MODEL, spec(name),
-                                mup=MUP_BASE if variant == "mup" else None,
+        model = hf_llama() if variant == "hf" else LLAMA if variant == "llama" else MODEL
+        module = CausalLMModule(model, spec(name), mup=MUP_BASE if variant == "mup" else None,
                                 fsdp={"init": "full"} if WORLD > 1 else None)
         rec = Recorder()
         try:
@@ -113,6 +124,7 @@ def parity(out: str, names: str) -> None:
             results[entry] = {"losses": rec.losses, "start": rec.start, "end": rec.end}
         except Exception as err:  # e.g. "needs whole tensors": recorded for the test to judge
             results[entry] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    torch.set_default_dtype(torch.float64)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
 

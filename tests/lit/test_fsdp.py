@@ -19,8 +19,9 @@ SCRIPT = Path(__file__).with_name("fsdp_script.py")
 ROOT = Path(__file__).parents[2]
 
 # "name:llama" trains the LLaMA model; "name:mup" the GPT in μP (base width 8): the μP group rewrite
-# reads the logical shapes of the DTensor parameters
-DIAGONAL = ["adamw", "adamw:llama", "adamw:mup", "lion", "lion:mup", "signum", "sgd", "sophia", "schedule_free_adamw",
+# reads the logical shapes of the DTensor parameters; "name:hf" a Hugging Face LlamaForCausalLM
+# (sharded per decoder layer); "name:f32" the GPT in float32 (the loss curves are compared)
+DIAGONAL = ["adamw", "adamw:llama", "adamw:mup", "adamw:hf", "adamw:f32", "lion", "lion:mup", "lion:f32", "signum", "sgd", "sophia", "schedule_free_adamw",
             "adam_mini", "adafactor", "adalayer"]
 # need the optimizer-side distributor (owner ranks); refused as "needs whole tensors" until it lands
 MATRIX = ["soap", "shampoo", "muon"]
@@ -61,6 +62,10 @@ def test_two_process_fsdp2_matches_one_process(parity_runs, optimizer):
                          f"{two['error'][:160]}")
         pytest.fail(two["trace"])
     assert len(one["losses"]) == len(two["losses"]) == 8
+    if optimizer.endswith(":f32"):  # float32: the loss curves within rounding
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=1e-6)
+        assert all(torch.equal(two["start"][n], w) for n, w in one["start"].items())
+        return
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-12, abs=1e-12)
     for name, w0 in one["start"].items():
         assert torch.equal(two["start"][name], w0), f"{name}: the sharded run starts from other weights"
@@ -258,3 +263,27 @@ def test_health_merges_owner_rank_statistics(callback_runs):
     per_param, roles, readout = callback_runs["merge"]
     assert per_param == {"owned0": {"cond": 0.0}, "owned1": {"cond": 1.0}, "shared": {"x": 0.0}}
     assert roles == {"owned0": "hidden", "owned1": "hidden", "shared": "norm"} and readout is None
+
+
+def test_shard_units_of_the_reference_and_hugging_face_models():
+    from lightning_optlab.lit.fsdp import shard_units
+    from lightning_optlab.models import build_model
+
+    model = build_model("llama-tiny")
+    assert shard_units(model) == list(model.blocks)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    assert [type(u).__name__ for u in shard_units(transformers.GPT2LMHeadModel(cfg))] == ["GPT2Block"] * 2
+
+
+def test_fsdp_options_are_validated_before_training():
+    from lightning_optlab.lit import CausalLMModule, FSDPConfig
+
+    assert CausalLMModule("gpt2-tiny", fsdp=True).fsdp == FSDPConfig()
+    assert CausalLMModule("gpt2-tiny", fsdp={"init": "full", "param_dtype": "bfloat16"}).fsdp.init == "full"
+    with pytest.raises(ValueError, match="fsdp.init must be 'meta' or 'full', got 'lazy'"):
+        CausalLMModule("gpt2-tiny", fsdp={"init": "lazy"})
+    with pytest.raises(ValueError, match="unknown keys \\['shard'\\]"):
+        CausalLMModule("gpt2-tiny", fsdp={"shard": "blocks"})
+    with pytest.raises(ValueError, match="fsdp.param_dtype must be one of"):
+        FSDPConfig(param_dtype="bf16")
