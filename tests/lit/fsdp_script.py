@@ -136,10 +136,13 @@ def init_check(out: str) -> None:
         L.seed_everything(0, verbose=False)
         module = CausalLMModule(MODEL, spec("adamw"), fsdp={"init": mode})
         rec = Recorder()
-        trainer(1, [rec]).fit(module, datamodule=Data())
+        t = trainer(1, [rec])
+        t.fit(module, datamodule=Data())
         results[mode] = rec.start
         names = [n for n, _ in module.model.named_parameters()]
         results[mode + "_names"] = names
+        opt = t.optimizers[0]
+        results[mode + "_groups"] = [(g.get("role"), g["weight_decay"], len(g["params"])) for g in opt.param_groups]
     L.seed_everything(0, verbose=False)
     module = CausalLMModule(MODEL, spec("adamw"), mup=MUP_BASE)  # μP, meta init (the default)
     rec = Recorder()

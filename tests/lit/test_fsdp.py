@@ -287,3 +287,22 @@ def test_fsdp_options_are_validated_before_training():
         CausalLMModule("gpt2-tiny", fsdp={"shard": "blocks"})
     with pytest.raises(ValueError, match="fsdp.param_dtype must be one of"):
         FSDPConfig(param_dtype="bf16")
+
+
+def test_per_role_groups_resolve_on_the_sharded_model(init_runs):
+    """fully_shard keeps the fully qualified names: the optimizer built on the DTensor parameters has
+    the plain model's per-role groups (roles, weight decay, sizes)."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from fsdp_script import MODEL, spec
+
+    from lightning_optlab.lit import CausalLMModule
+
+    plain = CausalLMModule(MODEL, spec("adamw"))
+    plain.configure_model()
+    opt = plain.configure_optimizers()["optimizer"]
+    expected = [(g.get("role"), g["weight_decay"], len(g["params"])) for g in opt.param_groups]
+    assert len(expected) > 1
+    assert init_runs["meta_groups"] == init_runs["full_groups"] == expected
+    assert init_runs["meta_names"] == [n for n, _ in plain.model.named_parameters()]
