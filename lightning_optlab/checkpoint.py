@@ -11,6 +11,14 @@ through :func:`load_checkpoint`:
   (the file is damaged: use the previous checkpoint) — or, only when that is really the case,
   that it holds pickled objects (named) that need the trust option.
 
+A *distributed checkpoint* (the folder Lightning's ``ModelParallelStrategy`` writes with
+``save_distributed_checkpoint=True``: the shards and DCP's ``.metadata``, beside ``meta.pt`` with the
+loops, callbacks and hyperparameters) loads through the same function: its ``meta.pt`` under the same
+rules, and, unless only a cheap look is asked for (``mmap``), the whole tensors read from the shards
+in this one process, in the layout of a one-file Lightning checkpoint (``state_dict``,
+``optimizer_states`` keyed by position). A folder cut short while being written (no ``.metadata`` or
+no ``meta.pt``) is reported as damaged.
+
 Writes go to a temporary file in the checkpoint's own folder, are flushed to disk and renamed
 over the target (:func:`save_checkpoint_atomic`): a process killed mid-write leaves the previous
 checkpoint intact and at most a hidden ``.NAME.PID.tmp``, which the next save or resume in that
@@ -29,6 +37,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "DamagedCheckpointError", "UntrustedCheckpointError", "load_checkpoint",
+           "is_distributed_checkpoint",
            "read_global_step", "verify_checkpoint", "save_checkpoint_atomic", "remove_stale_temp_files",
            "temp_path_for"]
 
@@ -150,13 +159,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, map_lo
     """``torch.load`` a checkpoint, weights only unless ``trust``; a failure says what is wrong with the file.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or a distributed checkpoint's folder (see the module docstring).
         trust: load with full unpickling (runs code stored in the file). Only an explicit user option
             (``--trust-checkpoint``, ``--weights_only false``) may set it; even then a file that is not
             a torch checkpoint at all (random bytes, a plain pickle) is refused.
         map_location: as ``torch.load`` (default ``"cpu"``).
         mmap: map the tensors instead of reading them (a cheap look at the metadata: nothing but the
-            small pickle is read until a tensor is touched).
+            small pickle is read until a tensor is touched). For a distributed checkpoint: its
+            ``meta.pt`` only (no ``state_dict``, no optimizer state).
         trust_hint: the option named in the error of a file that needs trust.
 
     Raises:
@@ -166,6 +176,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, map_lo
         CheckpointError: not a torch checkpoint.
     """
     p = Path(path)
+    if p.is_dir() and (_looks_distributed(p)):
+        return _load_distributed(p, trust=trust, map_location=map_location, mmap=mmap, trust_hint=trust_hint)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}" + (" (a folder, not a file)" if p.is_dir() else ""))
     if trust:  # full unpickling runs code: refuse files that are not torch checkpoints before that
@@ -176,6 +188,61 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, map_lo
         return torch.load(p, map_location=map_location, weights_only=not trust, mmap=mmap and _is_zip(p))
     except Exception as err:  # noqa: BLE001 - every failure is diagnosed from the file's structure
         raise _diagnose(p, err, trust, trust_hint) from err
+
+
+_DCP_META, _LIGHTNING_META = ".metadata", "meta.pt"
+
+
+def _looks_distributed(path: Path) -> bool:
+    """A folder with any of a distributed checkpoint's files (complete or not)."""
+    return (path / _DCP_META).exists() or (path / _LIGHTNING_META).exists() or any(path.glob("*.distcp"))
+
+
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete distributed checkpoint folder (DCP's ``.metadata`` and Lightning's ``meta.pt``)."""
+    p = Path(path)
+    return p.is_dir() and (p / _DCP_META).is_file() and (p / _LIGHTNING_META).is_file()
+
+
+def _load_distributed(p: Path, *, trust: bool, map_location: Any, mmap: bool, trust_hint: str) -> Any:
+    if not is_distributed_checkpoint(p):
+        missing = [n for n in (_DCP_META, _LIGHTNING_META) if not (p / n).is_file()]
+        raise _damaged(p, f"a distributed checkpoint folder without {' and '.join(missing)}: its save was cut "
+                          "short (a process killed or a rank failed while writing)")
+    meta = load_checkpoint(p / _LIGHTNING_META, trust=trust, map_location=map_location, mmap=mmap,
+                           trust_hint=trust_hint)
+    if mmap or not isinstance(meta, dict):
+        return meta
+    try:
+        tensors = _read_shards(p)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - a shard missing or unreadable (DCP's CheckpointException is a BaseException)
+        raise _damaged(p, f"its shards cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    meta["state_dict"] = tensors.pop("state_dict", {})
+    count = sum(1 for k in tensors if re.fullmatch(r"optimizer_\d+", k))
+    meta["optimizer_states"] = [_positional(tensors[f"optimizer_{i}"]) for i in range(count)]
+    return meta
+
+
+def _read_shards(p: Path) -> dict[str, Any]:
+    """Every tensor of a DCP folder, whole, in this process (no process group needed)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "torch.distributed is unavailable or uninitialized ... single process"
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_state_dict_from_keys(checkpoint_id=str(p))
+
+
+def _positional(opt: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (``get_optimizer_state_dict``) keyed by position instead,
+    as ``torch.optim.Optimizer.load_state_dict`` takes it: the i-th parameter listed in the groups is i."""
+    groups = opt.get("param_groups", [])
+    ids = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    return {"state": {ids[k]: v for k, v in opt.get("state", {}).items() if k in ids},
+            "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in groups]}
 
 
 def _is_zip(path: Path) -> bool:
@@ -205,6 +272,10 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
     wrong weights; this reads the whole file once more. Raises as :func:`load_checkpoint`.
     """
     p = Path(path)
+    if p.is_dir() and _looks_distributed(p):
+        load_checkpoint(p)  # meta.pt, then every shard read whole
+        verify_checkpoint(p / _LIGHTNING_META)
+        return
     load_checkpoint(p, mmap=True)
     if _is_zip(p):
         with zipfile.ZipFile(p) as zf:

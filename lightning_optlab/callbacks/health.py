@@ -222,16 +222,16 @@ class PreconditionerHealth(Callback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
         # global_step counts the steps already taken: this update makes it global_step + 1.
         step = trainer.global_step + 1
-        if not trainer.is_global_zero or (step % self.every_n_steps != 0 and step != trainer.max_steps):
+        many = trainer.world_size > 1  # every rank takes part (FSDP2 shards, owner-rank state)
+        if (not trainer.is_global_zero and not many) or (step % self.every_n_steps != 0 and step != trainer.max_steps):
             return
         if self._grad_step != step:
             self._grad_norms, self._grad_step = {}, step
         names = _param_names(pl_module)
         params = [p for g in unwrap_optimizer(optimizer).param_groups for p in g["params"] if p.grad is not None]
         if params:
-            norms = torch._foreach_norm([p.grad.detach() for p in params])
-            device = norms[0].device
-            for p, n in zip(params, torch.stack([n.float().to(device) for n in norms]).tolist()):
+            sq = _grad_norms_squared(params, many)
+            for p, n in zip(params, sq.sqrt().tolist()):
                 self._grad_norms[names.get(id(p), f"param{len(self._grad_norms)}")] = n
 
     def on_train_batch_end(
@@ -261,15 +261,24 @@ class PreconditionerHealth(Callback):
     # --- collection -----------------------------------------------------------------------------
 
     def _recorded(self, step: int) -> bool:
-        return bool(self.series["steps"]) and self.series["steps"][-1] == step
+        # every rank keeps _collected_step (only rank zero records the series): with many ranks all
+        # of them must agree on whether to collect, which is a collective
+        return getattr(self, "_collected_step", None) == step or (
+            bool(self.series["steps"]) and self.series["steps"][-1] == step)
 
     def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.is_global_zero:
+        many = trainer.world_size > 1
+        if not trainer.is_global_zero and not many:
             return
         start = time.perf_counter()
         step = trainer.global_step
+        self._collected_step = step
         names = _param_names(pl_module)
         per_param, roles, readout = self._per_parameter_stats(trainer, pl_module, names)
+        if many:  # every rank computed what it holds; rank zero merges and logs
+            per_param, roles, readout = _merge_over_ranks(per_param, roles, readout)
+            if not trainer.is_global_zero:
+                return
         grads = self._grad_norms if self._grad_step == step else {}
         for name, norm in grads.items():
             per_param.setdefault(name, {})["grad_norm"] = norm
@@ -305,7 +314,16 @@ class PreconditionerHealth(Callback):
         readout: Optional[list[float]] = None
         for raw in trainer.optimizers:
             opt = unwrap_optimizer(raw)
-            stats = optimizer_health(opt)
+            try:
+                stats = optimizer_health(opt)
+            except RuntimeError as err:
+                if "DTensor" not in str(err):
+                    raise
+                # every rank fails alike here (same parameters, same order), so no collective is left hanging
+                self._warn_once("dtensor", f"{type(opt).__name__}.health() cannot compute on FSDP2 shards ({str(err)[:120]}); "
+                                "PreconditionerHealth logs only gradient norms until the optimizer's health "
+                                "statistics take DTensors (lightning_optlab.optim.health.quantile_stats)")
+                stats = {}
             if stats is None:
                 name = type(opt).__name__
                 self._warn_once(name, f"{name} has no health(); PreconditionerHealth logs only its gradient norms")
@@ -325,7 +343,7 @@ class PreconditionerHealth(Callback):
                     continue  # only numeric statistics are logged
                 name = names.get(id(keys[key][0]), key) if key in keys else key
                 per_param.setdefault(name, {})[stat] = number
-            if readout is None:
+            if readout is None and stats:
                 readout = self._readout_rows(keys, names, roles, stats)
         return per_param, roles, readout
 
@@ -378,8 +396,9 @@ class PreconditionerHealth(Callback):
         for leaf, group, p in ((leaf, g, p) for leaf in leaves for g in leaf.param_groups for p in g["params"]):
             name = names.get(id(p), f"param{id(p)}")
             eff = effective_lr_tensor(leaf, p, group, leaf.state.get(p, {}))
-            hists = {"grad": p.grad.detach().float() if p.grad is not None else None,
-                     "log10_eff_lr": eff.log10() if eff is not None else None}
+            # under FSDP2: rank zero's shards (a DTensor's local part; gathering would need every rank)
+            hists = {"grad": _local(p.grad.detach()).float() if p.grad is not None else None,
+                     "log10_eff_lr": _local(eff).log10() if eff is not None else None}
             for key, values in hists.items():
                 for lg in loggers if values is not None else []:
                     lg.experiment.add_histogram(f"health_hist/{name}/{key}", values.cpu(), step)
@@ -388,6 +407,51 @@ class PreconditionerHealth(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's shard on this rank (FSDP2), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _grad_norms_squared(params: list[Tensor], many: bool) -> Tensor:
+    """``||g_p||^2`` of every parameter's whole gradient: for FSDP2 shards the sum over ranks of the
+    local squares (one all-reduce); a plain tensor (DDP: all-reduced, the same on every rank) as it is."""
+    grads = [p.grad.detach() for p in params]
+    norms = torch._foreach_norm([_local(g) for g in grads])
+    device = norms[0].device
+    sq = torch.stack([n.float().to(device) for n in norms]).pow(2)
+    if many and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sharded = torch.tensor([hasattr(g, "to_local") and any(not pl.is_replicate() for pl in g.placements)
+                                for g in grads], device=device)
+        if bool(sharded.any()):
+            part = torch.where(sharded, sq, torch.zeros_like(sq))
+            torch.distributed.all_reduce(part)
+            sq = torch.where(sharded, part, sq)
+    return sq.cpu()
+
+
+def _merge_over_ranks(per_param: dict[str, dict[str, float]], roles: dict[str, str],
+                      readout: Optional[list[float]]) -> tuple[dict[str, dict[str, float]], dict[str, str], Optional[list[float]]]:
+    """Every rank's per-parameter statistics, merged in rank order (a key reported by several ranks:
+    the lowest rank's). A parameter whose optimizer state lives on one owner rank only (the
+    distributor of matrix preconditioners) is reported by that rank; replicated (DDP) or
+    DTensor-reduced statistics are the same on every rank."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (per_param, roles, readout))
+    merged: dict[str, dict[str, float]] = {}
+    merged_roles: dict[str, str] = {}
+    first_readout = None
+    for rank_stats, rank_roles, rank_readout in gathered:
+        for name, stats in rank_stats.items():
+            target = merged.setdefault(name, {})
+            for key, value in stats.items():
+                target.setdefault(key, value)
+        for name, role in rank_roles.items():
+            merged_roles.setdefault(name, role)
+        if first_readout is None:
+            first_readout = rank_readout
+    return merged, merged_roles, first_readout
 
 
 def _as_float(value: Any) -> Optional[float]:

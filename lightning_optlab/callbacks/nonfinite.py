@@ -86,7 +86,18 @@ def _nonfinite_exact(tensors: list[Tensor]) -> list[int]:
 
 def _values(t: Tensor) -> Tensor:
     t = t.detach()
+    if hasattr(t, "to_local"):  # a DTensor (FSDP2): this rank's shard; the decision is reduced over ranks
+        t = t.to_local()
     return t.coalesce().values() if t.is_sparse else t
+
+
+def _merge_found(trainer: "pl.Trainer", found: list[str]) -> list[str]:
+    """Every rank's findings (in rank order, each once): a NaN in one rank's shard is named on all."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return found
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, list(found))
+    return list(dict.fromkeys(f for rank_found in gathered for f in rank_found or []))
 
 
 def _kind(t: Tensor) -> str:
@@ -149,9 +160,12 @@ class NonFiniteGuard(Callback):
 
     Under fp16 mixed precision the GradScaler already skips steps with non-finite gradients
     (expected while it calibrates its scale), so gradient checks are left to it; parameters and
-    state are still checked. Under DDP every rank sees the same (all-reduced) gradients; the
-    decision is also reduced over ranks (any rank finding a NaN counts), and ``stop`` saves on
-    every rank as Lightning requires. Cost: one host synchronization per checked step for the
+    state are still checked. Under DDP every rank sees the same (all-reduced) gradients; under
+    FSDP2 (``ModelParallelStrategy``) each rank checks its own shards. The decision is reduced over
+    ranks (any rank finding a NaN counts: every rank raises, skips or stops alike), the findings are
+    gathered so every rank's message names them all, the optimizer's own skips are reduced too (one
+    small all-reduce per step with more than one rank), and ``stop`` saves on every rank as
+    Lightning requires (a distributed checkpoint under FSDP2). Cost: one host synchronization per checked step for the
     gradients and one for parameters and state.
 
     Example:
@@ -218,7 +232,7 @@ class NonFiniteGuard(Callback):
         bad = nonfinite_indices(tensors)
         if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             return
-        found = [f"{labels[i]} ({_kind(tensors[i])})" for i in bad]
+        found = _merge_found(trainer, [f"{labels[i]} ({_kind(tensors[i])})" for i in bad])
         step = trainer.global_step
         self._record(step, where, found)
         if tail is None:
@@ -297,7 +311,7 @@ class NonFiniteGuard(Callback):
         if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             return
         names = _names(pl_module)
-        found = [f"{names.get(id(params[i]), f'param{i}')} ({_kind(params[i].grad)})" for i in bad]
+        found = _merge_found(trainer, [f"{names.get(id(params[i]), f'param{i}')} ({_kind(params[i].grad)})" for i in bad])
         self._record(step, "gradient", found)
         if self.action == "raise":
             raise NonFiniteError(_message("gradient", step, found, len(params), "The update was not applied." + self._rate_hint()))
@@ -354,7 +368,7 @@ class NonFiniteGuard(Callback):
         if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             self._consecutive_skips = 0
             return
-        found = [f"{labels[i]} ({_kind(tensors[i])})" for i in bad]
+        found = _merge_found(trainer, [f"{labels[i]} ({_kind(tensors[i])})" for i in bad])
         where = "update" if any(f.startswith("parameter") for f in found) else "optimizer state"
         self._record(step, where, found)
         if self.action == "raise" or snap is None:
@@ -370,10 +384,15 @@ class NonFiniteGuard(Callback):
         policy, reported by ``pop_nonfinite_skips``): read after every step, checked or not (no device read)."""
         pop = getattr(optimizer, "pop_nonfinite_skips", None)
         skipped = pop() if callable(pop) else []
-        if not skipped:
+        if trainer.world_size > 1:
+            # an optimizer that skipped on one rank only (a NaN in its shard, or on the owner rank
+            # of a matrix) must make every rank act alike: one small all-reduce per step
+            if not trainer.strategy.reduce_boolean_decision(bool(skipped), all=False):
+                return
+        elif not skipped:
             return
         step = trainer.global_step
-        found = [f"{what} (skipped by the optimizer)" for what in skipped]
+        found = _merge_found(trainer, [f"{what} (skipped by the optimizer)" for what in skipped])
         self._record(step, "gradient", found)
         if self.action == "raise":
             raise NonFiniteError(_message(

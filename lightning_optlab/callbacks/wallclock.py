@@ -167,6 +167,10 @@ class WallClock(Callback):
     ``tokens_per_sec`` (all devices), ``mfu``, ``train_seconds``, ``elapsed_seconds``, ``tokens``
     (cumulative), ``val_seconds``, ``eval_seconds`` and ``target_<loss>/{step,tokens,
     train_seconds,elapsed_seconds}``. :attr:`summary` returns the totals as a dict.
+    With more than one rank (DDP, FSDP2) the keys above are rank zero's, and every log step also
+    gathers each rank's ``rank<r>/step_seconds`` and ``rank<r>/optimizer_seconds``, with
+    ``step_seconds_max``, ``optimizer_seconds_max`` and ``slowest_rank`` (kept in
+    :attr:`rank_seconds` on every rank).
 
     ``train_seconds`` sums the step times (validation and evaluation excluded);
     ``elapsed_seconds`` is the wall time since training started. Both continue across a resume
@@ -228,6 +232,8 @@ class WallClock(Callback):
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
+        #: every rank's per-step seconds in the last logging window (``[{"step", "optimizer"}]``, rank order); multi-rank runs only
+        self.rank_seconds: list[dict[str, float]] = []
         self._step = _new_step()
         self._window = _new_step()
         self._window_steps = 0
@@ -425,7 +431,10 @@ class WallClock(Callback):
             self._check_targets(trainer, mean)
         self._losses = []
         if self._window_steps >= (self.log_every_n_steps or trainer.log_every_n_steps or 1):
-            self._log(trainer, self._window_metrics())
+            metrics = self._window_metrics()
+            if trainer.world_size > 1:  # every rank logs here at the same steps: a collective is safe
+                metrics.update(self._rank_metrics(trainer, metrics))
+            self._log(trainer, metrics)
             self._window, self._window_steps = _new_step(), 0
         self._step = _new_step()
 
@@ -448,6 +457,22 @@ class WallClock(Callback):
         m["wallclock/elapsed_seconds"] = self._elapsed()
         m["wallclock/tokens"] = self.totals["tokens"]
         return m
+
+    def _rank_metrics(self, trainer: "pl.Trainer", metrics: Mapping[str, float]) -> dict[str, float]:
+        """Every rank's step and optimizer seconds (one all-gather of two numbers per log step), the
+        slowest rank's, and which rank that is: ranks wait for the slowest at every collective, and an
+        owner rank of matrix preconditioners doing more than its share shows here."""
+        local = torch.tensor([metrics["wallclock/step_seconds"], metrics["wallclock/optimizer_seconds"]],
+                             dtype=torch.float64, device=trainer.strategy.root_device)
+        table = trainer.strategy.all_gather(local).reshape(-1, 2).cpu().tolist()  # (world, 2)
+        self.rank_seconds = [{"step": step, "optimizer": opt} for step, opt in table]
+        out = {f"wallclock/rank{r}/step_seconds": step for r, (step, _) in enumerate(table)}
+        out.update({f"wallclock/rank{r}/optimizer_seconds": opt for r, (_, opt) in enumerate(table)})
+        slowest = max(range(len(table)), key=lambda r: table[r][0])
+        out["wallclock/step_seconds_max"] = table[slowest][0]
+        out["wallclock/optimizer_seconds_max"] = max(opt for _, opt in table)
+        out["wallclock/slowest_rank"] = float(slowest)
+        return out
 
     def _mfu(self, tokens_all_devices: float, seconds: float) -> float | None:
         if self._fpt is None or self._peak is None or seconds <= 0:

@@ -15,6 +15,7 @@ from torchmetrics.text import Perplexity
 
 from ..configure import OptimizerSpec, configure
 from ..optim.base import run_training_step_hooks
+from .fsdp import FSDPConfig, init_sharded, is_sharded, param_attrs, reattach_param_attrs, shard_model
 
 __all__ = ["CausalLMModule", "logits_of"]
 
@@ -59,6 +60,12 @@ class CausalLMModule(L.LightningModule):
         tokenizer: the model's own tokenizer (a ``transformers`` tokenizer or a
             :class:`~lightning_optlab.data.TextTokenizer`), kept as ``self.tokenizer`` for the
             zero-shot evaluation and ``optlab export``; without one these use the datamodule's.
+        fsdp: how to shard under Lightning's ``ModelParallelStrategy`` (FSDP2): an
+            :class:`~lightning_optlab.lit.FSDPConfig`, a mapping of its fields (YAML), or None (its
+            defaults). The module shards only when the trainer's strategy is ``ModelParallelStrategy``
+            (``data_parallel_size`` = the number of processes, ``tensor_parallel_size=1``); then
+            ``configure_model`` applies ``fully_shard`` to every transformer block and the root, a preset
+            model being built on ``meta`` and initialized on its shards (``fsdp.init``). See docs/distributed.md.
 
     Any model works whose ``forward(ids)`` returns the logits as a tensor, a tuple starting with
     them, or an object with ``.logits`` (Hugging Face causal LMs: ``LlamaForCausalLM``,
@@ -74,8 +81,10 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module | str | Mapping[str, Any] | Any, optimizer: OptimizerSpec | None = None,
-                 sophia_seed: int = 0, mup: Any = None, tokenizer: Any = None) -> None:
+                 sophia_seed: int = 0, mup: Any = None, tokenizer: Any = None,
+                 fsdp: FSDPConfig | Mapping[str, Any] | bool | None = None) -> None:
         super().__init__()
+        self.fsdp = FSDPConfig.coerce(fsdp)
         if isinstance(mup, Mapping) and "base" in mup:
             extra = sorted(set(mup) - {"base"})
             if extra:
@@ -107,6 +116,8 @@ class CausalLMModule(L.LightningModule):
             if mup is not None:
                 hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
             hparams["optimizer"] = spec.to_dict()
+            if self.fsdp is not None:
+                hparams["fsdp"] = dataclasses.asdict(self.fsdp)
             self.save_hyperparameters(hparams)
         self.spec = spec
         self.sophia_seed = sophia_seed
@@ -115,8 +126,66 @@ class CausalLMModule(L.LightningModule):
         self.val_ppl = Perplexity()
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        fsdp = self._fsdp_config()
+        if self.model is None:
+            self._build_model(meta=fsdp is not None and fsdp.init == "meta")
+        if fsdp is not None and not is_sharded(self.model):
+            self._shard(fsdp)
+
+    def _fsdp_config(self) -> FSDPConfig | None:
+        """The sharding to apply: ``self.fsdp`` (or its defaults) under ``ModelParallelStrategy``, else None."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy):
+            if self.fsdp is not None and strategy is not None and not getattr(self, "_fsdp_warned", False):
+                self._fsdp_warned = True
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"CausalLMModule(fsdp=...) is ignored: the trainer's strategy is {type(strategy).__name__}, "
+                               "not ModelParallelStrategy, so the model is not sharded")
+            return None
+        return self.fsdp or FSDPConfig()
+
+    def _data_parallel_mesh(self) -> Any:
+        mesh = self.device_mesh
+        names = mesh.mesh_dim_names or ()
+        tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+        if tp != 1:
+            raise ValueError(
+                f"CausalLMModule shards with FSDP2 over the data-parallel dimension only, but the device mesh has "
+                f"tensor_parallel_size={tp} (ModelParallelStrategy's default on one node is tensor_parallel_size="
+                f"devices): use ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1)"
+            )
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def _shard(self, fsdp: FSDPConfig) -> None:
+        model = self.model
+        meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+        init = getattr(model, "init_weights", None)
+        if meta and not callable(init):
+            raise ValueError(
+                f"the model has parameters on the meta device ({meta[0]!r}, ...) but no init_weights() to "
+                "initialize them after sharding: build it on a real device, or give it an init_weights() method"
+            )
+        shard_model(model, self._data_parallel_mesh(), fsdp)
+        # The strategy moves and converts the sharded model after this hook; FSDP2's DTensor
+        # parameters go through torch.utils.swap_tensors there, which drops their attributes
+        # (μP's infshape): they are put back, by name, wherever they are read.
+        self._param_attrs = param_attrs(model)
+        if meta:
+            fan_in = {}
+            if self.spec.mup and self._model_spec is not None:
+                from ..mup import fan_in_mults
+
+                fan_in = {"fan_in_mults": fan_in_mults(model)}
+            device = self.trainer.strategy.root_device
+            init_sharded(model, device, lambda: init(**fan_in), rank=self.trainer.global_rank)
+
+    def _build_model(self, meta: bool) -> None:
+        """Build the model from its spec (preset, config, mapping), on the meta device when ``meta``."""
+        from contextlib import nullcontext
+
         from ..models import build_model
 
         overrides = {}
@@ -128,12 +197,13 @@ class CausalLMModule(L.LightningModule):
         if vocab is not None:
             overrides["vocab_size"] = vocab
             self._record_vocab(vocab)
-        if self.mup_base is not None:
-            from ..mup import build_mup_model
+        with torch.device("meta") if meta else nullcontext():
+            if self.mup_base is not None:
+                from ..mup import build_mup_model
 
-            self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
-        else:
-            self.model = build_model(self._model_spec, **overrides)
+                self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
+            else:
+                self.model = build_model(self._model_spec, **overrides)
         self._forward_kwargs = _forward_kwargs(self.model)
         seq_len = getattr(getattr(datamodule, "config", None), "seq_len", None)
         block = getattr(getattr(self.model, "config", None), "block_size", None)
@@ -179,7 +249,9 @@ class CausalLMModule(L.LightningModule):
     def _loss(self, logits: Tensor, targets: Tensor, train: bool) -> Tensor:
         if train and hasattr(self.model, "loss"):
             return self.model.loss(logits, targets)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat = flat.float() if flat.element_size() < 4 else flat  # at least float32 (float64 stays float64)
+        return F.cross_entropy(flat, targets.reshape(-1))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
@@ -216,9 +288,16 @@ class CausalLMModule(L.LightningModule):
             self.log("hp_metric", self.val_loss.compute())
 
     def configure_optimizers(self) -> Any:
+        self._restore_param_attrs()
         return configure(self, self.spec)
 
+    def _restore_param_attrs(self) -> None:
+        saved = getattr(self, "_param_attrs", None)
+        if saved and self.model is not None:
+            reattach_param_attrs(self.model, saved)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restore_param_attrs()
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
         checkpoint["optlab_optimizer"] = self._optimizer_identity()
         if self.spec.mup and self.model is not None:
@@ -240,6 +319,7 @@ class CausalLMModule(L.LightningModule):
                 "(initialize from the checkpoint's weights without ckpt_path)"
             )
         saved = checkpoint.get("optlab_mup_base_shapes")
+        self._restore_param_attrs()
         if saved is not None and self.model is not None:
             if not self.spec.mup:
                 raise ValueError("this checkpoint was trained with μP; resume with the same `mup` base "

@@ -114,12 +114,13 @@ class TransformerLM(nn.Module):
         return logits * cfg.logit_scale if cfg.logit_scale != 1.0 else logits
 
     def loss(self, logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Mean cross-entropy in float32, plus ``z_loss · mean(logsumexp(logits)²)`` when z_loss > 0.
+        """Mean cross-entropy in float32 (or float64 logits' own dtype), plus ``z_loss · mean(logsumexp(logits)²)`` when z_loss > 0.
 
         The z-loss (PaLM, Chowdhery et al. 2022, §5) pushes log Z towards 0 to keep the softmax
         normalizer from drifting. Targets equal to ``ignore_index`` count in neither mean.
         """
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat = flat.float() if flat.element_size() < 4 else flat  # at least float32 (float64 stays float64)
         flat_targets = targets.reshape(-1)
         ce = F.cross_entropy(flat, flat_targets, ignore_index=ignore_index)
         if self.config.z_loss > 0:
