@@ -121,7 +121,7 @@ def test_a_tensor_parallel_mesh_is_a_clear_error(init_runs):
     assert "ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in message
 
 
-RESUMED = ["adamw", "sophia"]
+RESUMED = ["adamw", "sophia", "shampoo", "muon"]
 
 
 @pytest.fixture(scope="module")
