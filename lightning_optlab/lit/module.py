@@ -136,7 +136,7 @@ class CausalLMModule(L.LightningModule):
         """The sharding to apply: ``self.fsdp`` (or its defaults) under ``ModelParallelStrategy``, else None."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(self._trainer, "strategy", None)  # None also for the dry run's stand-in trainer (optlab check)
         if not isinstance(strategy, ModelParallelStrategy):
             if self.fsdp is not None and strategy is not None and not getattr(self, "_fsdp_warned", False):
                 self._fsdp_warned = True
