@@ -12,7 +12,8 @@ what DDP did before owner ranks). Reported: mean step seconds over ``--steps`` s
 steps (preconditioner refreshes included: SOAP and Shampoo refresh every 5 steps here; the fastest
 of ``--rounds`` alternating rounds per mode), the ratio
 owner / replicate (goal ≤ 0.65 at 2 ranks), and the share of the owner step spent in collectives
-(gathers of sharded tensors and the return broadcasts).
+(gathers of sharded tensors and the return broadcasts); the same owner step under FSDP2, where
+each matrix's gradient and weight are all-gathered first.
 
 State bytes per rank: after 2 steps, the bytes of the optimizer state each rank holds (DTensor
 shards count their local part), for DDP-replicate, DDP-owner and FSDP2 (``fully_shard`` per block),
@@ -92,8 +93,18 @@ def _state_bytes(opt) -> int:
     return total
 
 
-def _time_steps(name: str, width: int, blocks: int, steps: int, distribute: str) -> dict:
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _time_steps(name: str, width: int, blocks: int, steps: int, distribute: str, fsdp: bool = False) -> dict:
     model = _model(width, blocks)
+    if fsdp:
+        _shard(model)
     opt = _optimizer(name, model, distribute)
     times, comm = [], []
     for i in range(steps + 2):
@@ -112,11 +123,7 @@ def _time_steps(name: str, width: int, blocks: int, steps: int, distribute: str)
 def _bytes_per_rank(name: str, width: int, blocks: int, mode: str) -> int:
     model = _model(width, blocks)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model:
-            fully_shard(block)
-        fully_shard(model)
+        _shard(model)
     opt = _optimizer(name, model, "replicate" if mode == "ddp_replicate" else "owner")
     for i in range(2):
         _grads(model, i)
@@ -133,13 +140,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, store: str, out: st
     for name in WHOLE:
         # alternate the two modes, --rounds times each, and keep each mode's fastest round: other
         # work on the machine slows a round down, never speeds it up
-        rounds = {"replicate": [], "owner": []}
+        rounds = {"replicate": [], "owner": [], "fsdp": []}
         for _ in range(args.rounds):
             for mode in rounds:
-                rounds[mode].append(_time_steps(name, args.width, args.blocks, args.steps, mode))
-        rep = min(rounds["replicate"], key=lambda r: r["step_s"])
-        own = min(rounds["owner"], key=lambda r: r["step_s"])
-        rows["time"][name] = {"replicate_s": rep["step_s"], "owner_s": own["step_s"], "comm_s": own["comm_s"]}
+                rounds[mode].append(_time_steps(name, args.width, args.blocks, args.steps,
+                                                "owner" if mode == "fsdp" else mode, fsdp=mode == "fsdp"))
+        rep, own, fs = (min(rounds[m], key=lambda r: r["step_s"]) for m in ("replicate", "owner", "fsdp"))
+        rows["time"][name] = {"replicate_s": rep["step_s"], "owner_s": own["step_s"], "comm_s": own["comm_s"],
+                              "fsdp_s": fs["step_s"], "fsdp_comm_s": fs["comm_s"]}
     for name in WHOLE + DIAGONAL:
         rows["bytes"][name] = {mode: _bytes_per_rank(name, args.width, args.blocks, mode)
                                for mode in ("ddp_replicate", "ddp_owner", "fsdp")}
@@ -151,11 +159,13 @@ def _worker(rank: int, world: int, args: argparse.Namespace, store: str, out: st
 
 def table(rows: dict, world: int) -> str:
     lines = [f"step time, {world} ranks (mean s per step; baseline: every rank computes every update)", "",
-             "| optimizer | replicate s | owner s | owner / replicate | communication share |",
-             "|---|---:|---:|---:|---:|"]
+             "| optimizer | DDP replicate s | DDP owner s | owner / replicate | communication share | FSDP2 owner s | "
+             "FSDP2 / replicate | FSDP2 communication share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows["time"].items():
         lines.append(f"| {name} | {r['replicate_s']:.4f} | {r['owner_s']:.4f} | {r['owner_s'] / r['replicate_s']:.2f}x "
-                     f"| {r['comm_s'] / r['owner_s']:.0%} |")
+                     f"| {r['comm_s'] / r['owner_s']:.0%} | {r['fsdp_s']:.4f} | {r['fsdp_s'] / r['replicate_s']:.2f}x "
+                     f"| {r['fsdp_comm_s'] / r['fsdp_s']:.0%} |")
     lines += ["", f"optimizer state per rank (MiB, the most loaded of {world} ranks)", "",
               "| optimizer | DDP replicate | DDP owner | FSDP2 | FSDP2 / DDP replicate |", "|---|---:|---:|---:|---:|"]
     for name, r in rows["bytes"].items():

@@ -155,13 +155,15 @@ class Distributor:
         stand_ins: list[tuple[Tensor, Tensor]] = []  # (sharded param, whole stand-in) owned here
         kept: list[list[int]] = [[] for _ in opt.param_groups]
         work: list[list[Tensor]] = [[] for _ in opt.param_groups]
-        comm = 0.0
+        t0 = time.perf_counter()
+        sharded = [p for _, _, p in active if is_sharded(p)]
+        wholes = dict(zip(map(id, sharded), self._gather([p.detach() for p in sharded])))
+        whole_grads = dict(zip(map(id, sharded), self._gather([p.grad for p in sharded])))
+        comm = time.perf_counter() - t0
         for gi, j, p in active:
             mine = owners[id(p)] == self.rank
             if is_sharded(p):
-                t0 = time.perf_counter()
-                grad, whole = p.grad.full_tensor(), p.detach().full_tensor()  # collectives: every rank takes part
-                comm += time.perf_counter() - t0
+                grad, whole = whole_grads.pop(id(p)), wholes.pop(id(p))
                 if not mine:
                     continue
                 whole.grad = grad
@@ -193,6 +195,44 @@ class Distributor:
         self._return(active, owners, dict((id(p), w) for p, w in stand_ins))
         self.last_comm_seconds = comm + time.perf_counter() - t0
 
+    def _gather(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The whole tensors of DTensor shards, on every rank. FSDP2's layout (rows split over all
+        ranks, ``Shard(0)`` on a one-dimensional mesh of the world) goes in one all-gather per dtype
+        and device; any other layout through ``full_tensor()``, one collective per tensor."""
+        out: list[Optional[Tensor]] = [None] * len(tensors)
+        buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            if self._rows_over_world(t):
+                local = t.to_local()
+                buckets.setdefault((local.dtype, local.device), []).append(i)
+            else:
+                out[i] = t.full_tensor()
+        for (dtype, device), idx in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+            # rank r holds rows [r·c, (r+1)·c) of a tensor with n rows, c = ceil(n / world) (torch.chunk)
+            rows = [[self._rows_of(tensors[i].shape[0], r) for i in idx] for r in range(self.world)]
+            inner = [math.prod(tensors[i].shape[1:]) for i in idx]
+            sizes = [sum(n * k for n, k in zip(rr, inner)) for rr in rows]
+            flat = torch.cat([tensors[i].to_local().reshape(-1) for i in idx])
+            padded = torch.zeros(max(sizes), dtype=dtype, device=device)
+            padded[: flat.numel()] = flat
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded)
+            pieces = [part[:size].split([n * k for n, k in zip(rr, inner)]) for part, size, rr in zip(parts, sizes, rows)]
+            for k, i in enumerate(idx):
+                shape = tuple(tensors[i].shape)
+                out[i] = torch.cat([pieces[r][k].view(rows[r][k], *shape[1:]) for r in range(self.world)])
+        return out  # type: ignore[return-value]
+
+    def _rows_over_world(self, t: Tensor) -> bool:
+        mesh, placements = getattr(t, "device_mesh", None), getattr(t, "placements", ())
+        return (mesh is not None and mesh.ndim == 1 and mesh.size() == self.world and len(placements) == 1
+                and placements[0].is_shard() and getattr(placements[0], "dim", None) == 0 and t.dim() >= 1
+                and mesh.mesh.flatten().tolist() == list(range(self.world)))  # mesh coordinate = global rank
+
+    def _rows_of(self, n: int, rank: int) -> int:
+        c = -(-n // self.world)
+        return max(0, min(c, n - rank * c))
+
     def _return(self, active: list[tuple[int, int, Tensor]], owners: dict[int, int], stand_ins: dict[int, Tensor]) -> None:
         """Broadcast each owner's new weights (one flat buffer per owner, dtype and device); each rank
         keeps its shard of a sharded parameter and the whole of a replicated one."""
@@ -209,7 +249,10 @@ class Distributor:
             dist.broadcast(flat, src=owner)
             for p, piece in zip(params, flat.split(numels)):
                 whole = piece.view(p.shape)
-                if is_sharded(p):
+                if is_sharded(p) and self._rows_over_world(p):  # this rank's rows, copied into its shard
+                    start = self.rank * -(-p.shape[0] // self.world)
+                    p.to_local().copy_(whole[start:start + self._rows_of(p.shape[0], self.rank)])
+                elif is_sharded(p):
                     from torch.distributed.tensor import distribute_tensor
 
                     p.detach().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
