@@ -164,9 +164,10 @@ class WallClock(Callback):
 
     Logged keys (``wallclock/...``): ``step_seconds``, ``{data,fwd_bwd,optimizer,refresh,other}
     _seconds`` (per step, averaged over the logging interval), ``optimizer_share``,
-    ``tokens_per_sec`` (all devices), ``mfu``, ``train_seconds``, ``elapsed_seconds``, ``tokens``
-    (cumulative), ``val_seconds``, ``eval_seconds`` and ``target_<loss>/{step,tokens,
-    train_seconds,elapsed_seconds}``. :attr:`summary` returns the totals as a dict.
+    ``tokens_per_sec`` (all devices), ``mfu``, ``train_seconds``, ``elapsed_seconds``,
+    ``val_seconds``, ``eval_seconds`` and ``target_<loss>/{step,tokens,
+    train_seconds,elapsed_seconds}``. The cumulative token count is logged once, by
+    ``CausalLMModule``, as ``train/tokens``; it is in :attr:`summary`, which returns the totals as a dict.
 
     ``train_seconds`` sums the step times (validation and evaluation excluded);
     ``elapsed_seconds`` is the wall time since training started. Both continue across a resume
@@ -446,7 +447,6 @@ class WallClock(Callback):
                 m["wallclock/mfu"] = rates["device/mfu"]
         m["wallclock/train_seconds"] = self._train_seconds(self.totals)
         m["wallclock/elapsed_seconds"] = self._elapsed()
-        m["wallclock/tokens"] = self.totals["tokens"]
         return m
 
     def _mfu(self, tokens_all_devices: float, seconds: float) -> float | None:
