@@ -112,13 +112,19 @@ def orthogonalize_fused_qkv(p: Tensor, u: Tensor, dtype: torch.dtype, steps: int
     each block is orthogonalized in the ``(out, in)`` layout, as separate q/k/v layers would be
     (modded-nanogpt keeps QKV as a (3, d, d) stack for this reason). Returns O shaped as ``u``.
     """
+    o = newton_schulz5(qkv_blocks(p, u).to(dtype), steps, coefficients, eps)
+    heads, (_, rows, cols) = int(p.optlab_fused_qkv), o.shape
+    o = o.reshape(3, heads, rows // heads, cols).transpose(0, 1).reshape(3 * rows, cols)
+    return o.mT if getattr(p, "optlab_in_out", False) else o
+
+
+def qkv_blocks(p: Tensor, u: Tensor) -> Tensor:
+    """The (3, d_out/3, d_in) stack ``[Q, K, V]`` of a fused QKV tensor ``u`` shaped as ``p``, in ``(out, in)``
+    layout (see :func:`orthogonalize_fused_qkv`)."""
     heads = int(p.optlab_fused_qkv)
     m = u.mT if getattr(p, "optlab_in_out", False) else u  # (3d_out, d_in)
     rows, cols = m.shape
-    blocks = m.reshape(heads, 3, rows // (3 * heads), cols).transpose(0, 1).reshape(3, rows // 3, cols)
-    o = newton_schulz5(blocks.to(dtype), steps, coefficients, eps)
-    o = o.reshape(3, heads, rows // (3 * heads), cols).transpose(0, 1).reshape(rows, cols)
-    return o.mT if getattr(p, "optlab_in_out", False) else o
+    return m.reshape(heads, 3, rows // (3 * heads), cols).transpose(0, 1).reshape(3, rows // 3, cols)
 
 
 def muon_scale(scale: Optional[str], rows: int, cols: int) -> float:
@@ -353,16 +359,17 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         lr = float(group["lr"])
         s = muon_scale(group["adjust_lr_fn"], *out_in_shape(p))
         dtype = _ns_dtype(group["ns_dtype"], p.device)
-        ns = (dtype, int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
-        o = orthogonalize_fused_qkv(p, buf, *ns) if getattr(p, "optlab_fused_qkv", None) else newton_schulz5(buf.to(dtype), *ns[1:])
+        # a fused QKV weight: the statistics of its Q, K and V blocks (a (3, rows, cols) stack), as updated
+        u = qkv_blocks(p, buf) if getattr(p, "optlab_fused_qkv", None) else buf
+        o = newton_schulz5(u.to(dtype), int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
         o = o.double()
-        short = o if o.size(0) <= o.size(1) else o.T
-        n = short.size(0)
+        short = o if o.size(-2) <= o.size(-1) else o.mT
+        n = short.size(-2)
         eye = torch.eye(n, dtype=o.dtype, device=o.device)
         sv = torch.linalg.svdvals(short)
-        sigma = torch.linalg.svdvals(buf.double())
+        sigma = torch.linalg.svdvals(u.double())
         out = {
-            "ortho_error": (torch.linalg.matrix_norm(short @ short.T - eye) / math.sqrt(n)).item(),
+            "ortho_error": (torch.linalg.matrix_norm(short @ short.mT - eye) / math.sqrt(n)).max().item(),
             "ns_sv_min": sv.min().item(),
             "ns_sv_max": sv.max().item(),
             "scale": s,
@@ -373,7 +380,7 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         # iteration maps each normalized singular value x = σ_i/‖u‖ on its own, x ← x(a + b x² + c x⁴),
         # so the gain σ_i(O)/σ_i(u) is Π_k (a + b x_k² + c x_k⁴)/‖u‖: finite also where σ_i = 0.
         a, b, c = group["ns_coefficients"]
-        norm = max(float(torch.linalg.vector_norm(sigma)), float(group["eps"]))
+        norm = torch.linalg.vector_norm(sigma, dim=-1, keepdim=True).clamp_min(float(group["eps"]))
         x, gain = sigma / norm, torch.ones_like(sigma)
         for _ in range(int(group["ns_steps"])):
             factor = a + b * x**2 + c * x**4

@@ -347,6 +347,13 @@ def test_gpt2_c_attn_conv1d_is_split_into_q_k_v_blocks():
     # and not the whole matrix at once
     whole = -0.1 * muon_scale("match_rms_adamw", 48, 16) * newton_schulz5(g, 5).T
     assert (step - whole).abs().max() > 1e-3
+    # health() reads the blocks too: each block is near-orthogonal (the stacked matrix would be ~sqrt(3) off)
+    opt = Muon([c_attn], lr=0.1, momentum=0.5, ns_dtype="float64")
+    c_attn.grad = grad.clone()
+    opt.step()
+    stats = {k.rsplit("/", 1)[-1]: v for k, v in opt.health().items()}
+    assert stats["ortho_error"] < 0.6 and 0.6 < stats["ns_sv_min"] <= stats["ns_sv_max"] < 1.25, stats
+    assert stats["scale"] == muon_scale("match_rms_adamw", 16, 16)
 
 
 def test_linear_qkv_and_interleaved_query_key_value():
