@@ -210,7 +210,9 @@ def _tag_fused_qkv(model: nn.Module) -> None:
     ``qkv_proj``, ``Wqkv``, ``in_proj_weight``, ``query_key_value``) qualifies when its output axis (columns for
     HF's ``Conv1D``) is 3× its input axis; grouped-query layouts ((h + 2·h_kv)·d_head rows) are not 3× and are left
     alone."""
-    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    # the (first) config in the tree: a LightningModule wrapping a Hugging Face model has none of its own
+    heads = next((m.config.num_attention_heads for m in model.modules()
+                  if isinstance(getattr(getattr(m, "config", None), "num_attention_heads", None), int)), None)
     for name, p in model.named_parameters():
         if p.ndim != 2:
             continue

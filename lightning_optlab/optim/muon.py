@@ -34,7 +34,7 @@ from ._validate import check_beta, check_eps, check_lr, check_positive_int, chec
 from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice, looks_flattened
 from .health import HealthMixin, quantile_stats, update_stats
 
-__all__ = ["Muon", "MuonHParams", "newton_schulz5", "orthogonalize_fused_qkv", "muon_scale", "cpu_has_bf16_units", "NS_COEFFICIENTS", "SCALES"]
+__all__ = ["Muon", "MuonHParams", "newton_schulz5", "orthogonalize_fused_qkv", "qkv_blocks", "muon_scale", "cpu_has_bf16_units", "NS_COEFFICIENTS", "SCALES"]
 
 #: the quintic iteration's coefficients (a, b, c), Jordan et al. 2024
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)

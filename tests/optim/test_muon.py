@@ -373,7 +373,8 @@ def test_linear_qkv_and_interleaved_query_key_value():
             self.attn = Attn().double()
 
     model = Model()
-    classify_parameters(model)
+    wrapped = torch.nn.Sequential(model)  # as a LightningModule holds it: the head count is found inside
+    classify_parameters(wrapped)
     qkv, neox = model.attn.qkv.weight, model.attn.query_key_value.weight
     assert qkv.optlab_fused_qkv == 1 and neox.optlab_fused_qkv == 2
     grad = torch.randn(24, 8, dtype=torch.float64)
