@@ -22,7 +22,10 @@ only by its name, e.g. a bare ``nn.Parameter`` named ``pos_emb``; any other bare
 ``nn.Parameter``, taken as ``hidden``) warns, naming the parameter, the role given and the fix
 (``role_patterns``). Hugging Face ``Conv1D`` weights, stored ``(in_features, out_features)``, are
 tagged ``p.optlab_in_out = True`` for the optimizers that read a matrix's orientation (Muon's shape
-factor; Adam-mini refuses them: :func:`conv1d_to_linear` converts such a model exactly).
+factor; Adam-mini refuses them: :func:`conv1d_to_linear` converts such a model exactly). Fused attention
+projections (``c_attn``, ``qkv``, ``Wqkv``, ``in_proj_weight``, ``query_key_value`` whose output axis is 3× the
+input) are tagged ``p.optlab_fused_qkv = heads`` (1 for ``[Q; K; V]``, the head count for GPT-NeoX's per-head
+interleaving): Muon then orthogonalizes Q, K and V separately.
 
 User overrides are ``{regex: role}`` matched against the full parameter name with
 ``re.search``; the first matching pattern wins. A pattern that matches nothing warns.
@@ -162,6 +165,7 @@ def classify_parameters(
             owner.setdefault(id(p), (mname, module))
         if _is_hf_conv1d(module):
             module.weight.optlab_in_out = True  # type: ignore[attr-defined]  # read by Muon / Adam-mini
+    _tag_fused_qkv(model)
 
     used: set[str] = set()
     roles: "OrderedDict[str, str]" = OrderedDict()
@@ -193,6 +197,40 @@ def classify_parameters(
                 stacklevel=2,
             )
     return roles
+
+
+#: fused attention projections: ``[Q; K; V]`` along the output axis, or per head (GPT-NeoX's query_key_value)
+_FUSED_QKV = re.compile(r"(^|\.)(c_attn|qkv|qkv_proj|Wqkv|wqkv|in_proj)(\.weight|_weight)$")
+_INTERLEAVED_QKV = re.compile(r"(^|\.)query_key_value\.weight$")
+
+
+def _tag_fused_qkv(model: nn.Module) -> None:
+    """Tag fused QKV weights ``p.optlab_fused_qkv = heads`` (1: ``[Q; K; V]``; h: h interleaved ``[q_i; k_i; v_i]``)
+    for Muon, which then orthogonalizes Q, K and V separately. A 2-D weight named like one (``c_attn``, ``qkv``,
+    ``qkv_proj``, ``Wqkv``, ``in_proj_weight``, ``query_key_value``) qualifies when its output axis (columns for
+    HF's ``Conv1D``) is 3× its input axis; grouped-query layouts ((h + 2·h_kv)·d_head rows) are not 3× and are left
+    alone."""
+    # the (first) config in the tree: a LightningModule wrapping a Hugging Face model has none of its own
+    heads = next((m.config.num_attention_heads for m in model.modules()
+                  if isinstance(getattr(getattr(m, "config", None), "num_attention_heads", None), int)), None)
+    for name, p in model.named_parameters():
+        if p.ndim != 2:
+            continue
+        out, fan_in = (p.shape[1], p.shape[0]) if getattr(p, "optlab_in_out", False) else tuple(p.shape)
+        if out != 3 * fan_in:
+            continue
+        if _FUSED_QKV.search(name):
+            p.optlab_fused_qkv = 1  # type: ignore[attr-defined]
+        elif _INTERLEAVED_QKV.search(name):
+            if isinstance(heads, int) and heads > 0 and fan_in % heads == 0:
+                p.optlab_fused_qkv = heads  # type: ignore[attr-defined]
+            else:
+                warnings.warn(
+                    f"parameter {name!r} looks like a per-head interleaved fused QKV weight but the head count is unknown "
+                    "(no model.config.num_attention_heads): Muon would orthogonalize Q, K and V together; set "
+                    f"model.get_parameter({name!r}).optlab_fused_qkv = <number of heads> before configuring",
+                    stacklevel=3,
+                )
 
 
 def _pattern_for(name: str) -> str:

@@ -40,7 +40,8 @@ from ..optim.base import iter_leaf_optimizers
 from ..optim.health import QUANTILES, named_params, quantile_stats, torch_optimizer_health
 from ..params import classify_parameters
 
-__all__ = ["PreconditionerHealth", "aggregate_by_role", "effective_lr_tensor", "plot_effective_lr"]
+__all__ = ["PreconditionerHealth", "aggregate_by_role", "describe_optimizers", "effective_lr_tensor", "figure_title",
+           "plot_effective_lr"]
 
 _Q_KEYS = tuple(k for k, _ in QUANTILES)  # min, q05, q50, q95, max
 _TORCH_READABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
@@ -92,6 +93,32 @@ def optimizer_health(opt: Any) -> Optional[dict[str, float]]:
     if isinstance(opt, _TORCH_READABLE):
         return torch_optimizer_health(opt)
     return None
+
+
+def optimizer_label(group: Mapping[str, Any], leaf: Any) -> str:
+    """The optimizer of a param group: the part after ``/`` of its ``name`` (``"hidden/muon"``, as the
+    configurator names groups), else the optimizer class name in lower case."""
+    name = group.get("name")
+    if isinstance(name, str) and "/" in name:
+        return name.rsplit("/", 1)[1]
+    return type(leaf).__name__.lower()
+
+
+def describe_optimizers(optimizer_of: Mapping[str, tuple[str, float]], roles: Mapping[str, str]) -> str:
+    """One line naming each optimizer, its learning rates and the roles it trains, e.g.
+    ``"muon lr 0.02 (hidden) / adamw lr 0.003 (embedding, norm, readout)"``.
+
+    ``optimizer_of`` maps parameter names to ``(optimizer label, learning rate)``; the rate is the
+    group's ``initial_lr`` (the schedule's peak) where an LR scheduler set one.
+    """
+    by_opt: dict[str, dict[float, set[str]]] = {}
+    for name, (label, lr) in optimizer_of.items():
+        by_opt.setdefault(label, {}).setdefault(lr, set()).add(roles.get(name, "other"))
+    parts = []
+    for label, lrs in by_opt.items():
+        rates = ", ".join(f"lr {lr:.3g} ({', '.join(sorted(rs))})" for lr, rs in sorted(lrs.items(), reverse=True))
+        parts.append(f"{label} {rates}")
+    return " / ".join(parts)
 
 
 def aggregate_by_role(per_param: Mapping[str, Mapping[str, float]], roles: Mapping[str, str]) -> dict[str, dict[str, float]]:
@@ -155,8 +182,10 @@ class PreconditionerHealth(Callback):
             (``health()`` takes quantiles over every tensor; ``health/compute_seconds`` reports
             the computation), so the default 500 keeps the mean overhead near 0.4%, within the
             pack's 1% budget for all callbacks together; short runs want a smaller N.
-        roles: log the per-role aggregates ``health/<role>/<stat>``.
-        per_parameter: log ``health_param/<parameter name>/<stat>``.
+        roles: log the per-role aggregates ``health/<role>/<stat>`` (default on: a few dozen tags).
+        per_parameter: also log ``health_param/<parameter name>/<stat>`` (default off: every statistic of
+            every parameter, hundreds of tags even for a small model; the figure is drawn per layer
+            either way).
         histograms: with a ``TensorBoardLogger``, also add histograms of each parameter's
             gradient and of ``log10`` of its per-coordinate effective LR (where known).
         plot: write the effective-LR-per-layer figure at the end of fit.
@@ -184,7 +213,7 @@ class PreconditionerHealth(Callback):
         self,
         every_n_steps: int = 500,
         roles: bool = True,
-        per_parameter: bool = True,
+        per_parameter: bool = False,
         histograms: bool = False,
         plot: bool = True,
         plot_path: Optional[str | Path] = None,
@@ -208,6 +237,7 @@ class PreconditionerHealth(Callback):
         self._grad_norms: dict[str, float] = {}
         self._grad_step = -1
         self._warned: set[str] = set()
+        self._optimizer_of: dict[str, tuple[str, float]] = {}
         #: the PNG written at the end of the last fit (None before)
         self.written_plot: Optional[Path] = None
 
@@ -298,6 +328,7 @@ class PreconditionerHealth(Callback):
         if readout is not None:
             metrics.update({f"health/readout_rows/eff_lr_{k}": readout[i] for i, k in enumerate(_Q_KEYS)})
         self._record(step, per_param, roles, readout, pl_module)
+        self.series["title"] = {"optimizer": describe_optimizers(self._optimizer_of, roles), "run": _run_label(trainer)}
         if self.histograms:
             self._add_histograms(trainer, pl_module, names, max(0, step - 1))  # the scalars' index
         metrics["health/compute_seconds"] = time.perf_counter() - start
@@ -329,8 +360,9 @@ class PreconditionerHealth(Callback):
                 self._warn_once(name, f"{name} has no health(); PreconditionerHealth logs only its gradient norms")
                 stats = {}
             keys = _health_keys(opt)
-            for key, (p, group, _) in keys.items():
+            for key, (p, group, leaf) in keys.items():
                 name = names.get(id(p), key)
+                self._optimizer_of[name] = (optimizer_label(group, leaf), float(group.get("initial_lr", group.get("lr", math.nan))))
                 role = group.get("role")
                 if role is None:
                     fallback_roles = fallback_roles if fallback_roles is not None else module_roles(pl_module)
@@ -375,7 +407,8 @@ class PreconditionerHealth(Callback):
                 continue
             if name not in s["eff_lr"]:
                 s["eff_lr"][name] = [[math.nan] * len(_Q_KEYS) for _ in range(n_before)]
-                s["meta"][name] = {"role": roles.get(name, "other"), "ndim": shapes.get(name, 2)}
+                s["meta"][name] = {"role": roles.get(name, "other"), "ndim": shapes.get(name, 2),
+                                   "optimizer": self._optimizer_of.get(name, ("", 0.0))[0]}
             s["eff_lr"][name].append([stats.get(f"eff_lr_{k}", math.nan) for k in _Q_KEYS])
         for rows in s["eff_lr"].values():  # parameters that reported nothing this time
             if len(rows) < n_before + 1:
@@ -468,6 +501,12 @@ def _empty_series() -> dict[str, Any]:
     return {"steps": [], "eff_lr": {}, "meta": {}, "readout_rows": [], "readout_kind": ""}
 
 
+def _run_label(trainer: "pl.Trainer") -> str:
+    """The run, as the last three parts of its log folder (``<sweep point>/lightning_logs/version_0``)."""
+    folder = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+    return "/".join(folder.parts[-3:])
+
+
 def _param_names(pl_module: "pl.LightningModule") -> dict[int, str]:
     return {id(p): n for n, p in pl_module.named_parameters()}
 
@@ -495,7 +534,9 @@ def _panel_specs(series: Mapping[str, Any]) -> list[tuple[str, str, list[list[li
     with a curve per layer); vectors (norms, biases) are pooled per role.
     """
     eff, meta = series["eff_lr"], series["meta"]
-    role = {n: meta.get(n, {}).get("role", "other") for n in eff}
+    # a panel names the role and, where the series knows it, the optimizer that trains it ("hidden, muon")
+    role = {n: ", ".join(x for x in (meta.get(n, {}).get("role", "other"), meta.get(n, {}).get("optimizer")) if x)
+            for n in eff}
     matrices = [n for n in eff if meta.get(n, {}).get("ndim", 2) >= 2]
     panels: list[tuple[str, str, list[list[list[float]]]]] = []
     if len(matrices) <= _MAX_PANELS:
@@ -519,6 +560,14 @@ def _panel_specs(series: Mapping[str, Any]) -> list[tuple[str, str, list[list[li
     if any(not math.isnan(r[2]) for r in series["readout_rows"]):
         panels.append((f"readout rows: {series['readout_kind']}", "readout rows", [series["readout_rows"]]))
     return panels
+
+
+def figure_title(series: Mapping[str, Any]) -> str:
+    """The figure's title: what it shows, then the optimizers with their learning rates and the run."""
+    title = "Effective learning rate per layer: median, 5–95% and min–max over coordinates"
+    info = series.get("title") or {}
+    line = " · ".join(x for x in (info.get("optimizer"), f"run {info['run']}" if info.get("run") else "") if x)
+    return f"{title}\n{line}" if line else title
 
 
 def plot_effective_lr(series: Mapping[str, Any], path: str | Path) -> Path:
@@ -547,7 +596,7 @@ def plot_effective_lr(series: Mapping[str, Any], path: str | Path) -> Path:
     for ax, (title, role, curves) in zip(axes.flat, panels):
         for i, rows in enumerate(curves):
             q = [[v if v > 0 else math.nan for v in col] for col in zip(*rows)]
-            color = colors.get(role, "tab:brown") if len(curves) == 1 else colormaps["viridis"](i / (len(curves) - 1))
+            color = colors.get(role.split(",")[0], "tab:brown") if len(curves) == 1 else colormaps["viridis"](i / (len(curves) - 1))
             alpha = 1.0 if len(curves) == 1 else 0.3
             ax.fill_between(steps, q[0], q[4], color=color, alpha=0.15 * alpha, lw=0)
             ax.fill_between(steps, q[1], q[3], color=color, alpha=0.35 * alpha, lw=0)
@@ -562,8 +611,7 @@ def plot_effective_lr(series: Mapping[str, Any], path: str | Path) -> Path:
     height = fig.get_figheight()
     fig.supxlabel("optimizer step", fontsize=9, y=0.15 / height)
     fig.supylabel("effective learning rate", fontsize=9)
-    fig.suptitle("Effective learning rate per layer: median, 5–95% and min–max over coordinates", fontsize=10,
-                 y=1 - 0.2 / height)
+    fig.suptitle(figure_title(series), fontsize=10, y=1 - 0.2 / height)
     # fixed margins: tight_layout measures every tick label and costs more than the drawing
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.7 / height, top=1 - 1.0 / height, hspace=0.55, wspace=0.08)
     path = Path(path)

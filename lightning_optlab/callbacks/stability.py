@@ -92,7 +92,10 @@ class StabilityMonitor(Callback):
             attribute (the reference models' attention layers; the forward stores ``max_logit``).
         logits: hook the module producing the logits for their RMS and mean ``log Z``.
         relative_updates: snapshot the weights before the optimizer step of monitored steps and
-            log ``‖ΔW‖/‖W‖`` per parameter (a transient copy of the trainable weights).
+            log ``‖ΔW‖/‖W‖`` per parameter (a transient copy of the trainable weights). ``None``
+            (default): on unless a :class:`~lightning_optlab.callbacks.PreconditionerHealth` is
+            attached, which logs the same ratio as ``health/<role>/update_to_weight`` (each quantity
+            is logged once, under one name); ``True`` measures it here as well.
         readout: name of the module whose output is the logits (``"model.lm_head"``); default:
             the module declaring ``optlab_readout`` (the model), else the readout layer by the
             rule of :mod:`lightning_optlab.params`.
@@ -121,7 +124,7 @@ class StabilityMonitor(Callback):
         spike_warmup: int = 10,
         attention: bool = True,
         logits: bool = True,
-        relative_updates: bool = True,
+        relative_updates: bool | None = None,
         readout: str | None = None,
         per_layer: bool = True,
     ) -> None:
@@ -137,7 +140,10 @@ class StabilityMonitor(Callback):
             raise ValueError(f"readout must be a module name such as 'model.lm_head' or None, got {readout!r}")
         self.every_n_steps = every_n_steps
         self.spike_threshold = float(spike_threshold)
-        self.attention, self.logits, self.relative_updates = bool(attention), bool(logits), bool(relative_updates)
+        if relative_updates is not None and not isinstance(relative_updates, bool):
+            raise ValueError(f"relative_updates must be True, False or None (auto), got {relative_updates!r}")
+        self.attention, self.logits, self.relative_updates = bool(attention), bool(logits), relative_updates
+        self._measure_updates = bool(relative_updates)
         self.readout, self.per_layer = readout, bool(per_layer)
         self.detector = LossSpikeDetector(self.spike_threshold, spike_window, spike_warmup)
         self.spike_count = 0
@@ -176,7 +182,12 @@ class StabilityMonitor(Callback):
             rank_zero_warn("StabilityMonitor: no module has a `record_max_logit` attribute, so no attention "
                            "logits are logged (the reference models' attention layers have one)")
         self._readout_module = self._find_readout(pl_module) if self.logits else None
-        if self.relative_updates:
+        self._measure_updates = self.relative_updates
+        if self._measure_updates is None:  # auto: PreconditionerHealth logs the ratio (update_to_weight)
+            from .health import PreconditionerHealth
+
+            self._measure_updates = not any(isinstance(cb, PreconditionerHealth) for cb in trainer.callbacks)
+        if self._measure_updates:
             self._roles = module_roles(pl_module)
             self._param_ndim = {n: p.ndim for n, p in pl_module.named_parameters() if p.requires_grad}
 
@@ -243,7 +254,7 @@ class StabilityMonitor(Callback):
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
         # fires after backward and before the update: the weights still hold W
-        if self._collecting and self.relative_updates and self._snapshot is None:
+        if self._collecting and self._measure_updates and self._snapshot is None:
             self._snapshot = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -164,9 +164,10 @@ class WallClock(Callback):
 
     Logged keys (``wallclock/...``): ``step_seconds``, ``{data,fwd_bwd,optimizer,refresh,other}
     _seconds`` (per step, averaged over the logging interval), ``optimizer_share``,
-    ``tokens_per_sec`` (all devices), ``mfu``, ``train_seconds``, ``elapsed_seconds``, ``tokens``
-    (cumulative), ``val_seconds``, ``eval_seconds`` and ``target_<loss>/{step,tokens,
-    train_seconds,elapsed_seconds}``. :attr:`summary` returns the totals as a dict.
+    ``tokens_per_sec`` (all devices), ``mfu``, ``train_seconds``, ``elapsed_seconds``,
+    ``val_seconds``, ``eval_seconds`` and ``target_<loss>/{step,tokens,
+    train_seconds,elapsed_seconds}``. The cumulative token count is logged once, by
+    ``CausalLMModule``, as ``train/tokens``; it is in :attr:`summary`, which returns the totals as a dict.
     With more than one rank (DDP, FSDP2) the keys above are rank zero's, and every log step also
     gathers each rank's ``rank<r>/step_seconds`` and ``rank<r>/optimizer_seconds``, with
     ``step_seconds_max``, ``optimizer_seconds_max`` and ``slowest_rank`` (kept in
@@ -455,7 +456,6 @@ class WallClock(Callback):
                 m["wallclock/mfu"] = rates["device/mfu"]
         m["wallclock/train_seconds"] = self._train_seconds(self.totals)
         m["wallclock/elapsed_seconds"] = self._elapsed()
-        m["wallclock/tokens"] = self.totals["tokens"]
         return m
 
     def _rank_metrics(self, trainer: "pl.Trainer", metrics: Mapping[str, float]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -160,7 +161,7 @@ class ModuleLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        return self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
+        return self.score_tokens([(ctx, cont) for _, ctx, cont in requests], disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts (perplexity tasks) in lm-eval's disjoint rolling windows."""
@@ -173,7 +174,8 @@ class ModuleLM(TemplateLM):
                 pairs.append((ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for i, (logp, _) in zip(owners, self.score_tokens(pairs)):
+        for i, (logp, _) in zip(owners, self.score_tokens(pairs, disable_tqdm=disable_tqdm,
+                                                          desc="Running loglikelihood_rolling requests")):
             totals[i] += logp
         return totals
 
@@ -181,7 +183,7 @@ class ModuleLM(TemplateLM):
         """Greedy generation until a stop string, the end-of-text token or ``max_gen_toks`` tokens."""
         out = []
         with self._eval_mode():
-            for req in requests:
+            for req in self._progress(requests, disable_tqdm, "Running generate_until requests"):
                 context, gen_kwargs = req.args
                 gen_kwargs = dict(gen_kwargs or {})
                 if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
@@ -212,8 +214,12 @@ class ModuleLM(TemplateLM):
             torch.distributed.barrier()
 
     # ------------------------------------------------------------------ scoring
-    def score_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+    def score_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], disable_tqdm: bool = True,
+                     desc: str = "Running loglikelihood requests") -> list[tuple[float, bool]]:
         """``(log p(continuation | context), greedy)`` for token-id pairs; see the module docstring.
+
+        With ``disable_tqdm=False`` (what lm-eval's evaluator passes by default through
+        ``loglikelihood``) a progress bar over the forward batches shows on rank 0, as lm-eval's HFLM does.
 
         Forward passes are batched longest first (so the batches pad little) and identical inputs
         run once (lm-eval's multiple-choice requests with one-token answers share their input).
@@ -226,7 +232,7 @@ class ModuleLM(TemplateLM):
         greedy = [True] * len(requests)
         order = sorted(jobs, key=lambda k: (-len(k), k))
         with self._eval_mode():
-            for b in range(0, len(order), self.batch_size):
+            for b in self._progress(range(0, len(order), self.batch_size), disable_tqdm, desc):
                 batch = order[b:b + self.batch_size]
                 logits = self._forward(batch)
                 owners, sums, hits = [], [], []
@@ -275,6 +281,10 @@ class ModuleLM(TemplateLM):
         for stop in until:
             text = text.split(stop)[0]
         return text
+
+    def _progress(self, items: Any, disable_tqdm: bool, desc: str) -> Any:
+        """``items`` under lm-eval's progress bar (tqdm), shown unless ``disable_tqdm`` or not rank 0."""
+        return tqdm(items, desc=desc, disable=bool(disable_tqdm) or self._rank != 0)
 
     def _eval_mode(self) -> "_EvalMode":
         return _EvalMode(self.model)

@@ -46,7 +46,8 @@ class ZeroShotEval(Callback):
             the middle of a sharded evaluation leaves the other ranks waiting until the process
             group's timeout, as any failed collective does.
 
-    Logged through ``trainer.loggers`` at the trainer's global step (rank 0) and put into
+    Logged through ``trainer.loggers`` (rank 0) at the index of the same step's ``train/loss`` (``global_step − 1``:
+    Lightning logs update k's training metrics at k − 1) and put into
     ``trainer.callback_metrics`` on every rank; :attr:`history` keeps ``(step, metrics)``.
 
     Example:
@@ -156,7 +157,8 @@ class ZeroShotEval(Callback):
         if trainer.global_rank == 0:
             write_results(results, out_dir / f"zeroshot_step{step}.json")
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                # at train/loss's index: Lightning logs update k's training metrics at k - 1
+                logger.log_metrics(metrics, step=max(0, step - 1))
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value)
         self.history.append((step, metrics))

@@ -55,8 +55,10 @@ class CausalLMModule(L.LightningModule):
             the base width, e.g. built on ``meta``) or a base-shapes mapping (see
             :func:`lightning_optlab.mup.set_base_shapes`); the shapes are attached as given, with no
             re-initialization and no readout multiplier (the optimizer then refuses μP unless the
-            model has one). For a Hugging Face model, build it with
-            :func:`lightning_optlab.mup.mup_hf_model` and pass ``OptimizerSpec(mup=True)``.
+            model has one). For a Hugging Face model built from its config, ``mup`` may be the base
+            width (an int): :func:`lightning_optlab.mup.hf_to_mup` then swaps in mup's readout,
+            takes the base shapes from the model's config at that width (built on ``meta``) and
+            rescales the hidden init, in place.
         tokenizer: the model's own tokenizer (a ``transformers`` tokenizer or a
             :class:`~lightning_optlab.data.TextTokenizer`), kept as ``self.tokenizer`` for the
             zero-shot evaluation and ``optlab export``; without one these use the datamodule's.
@@ -105,9 +107,12 @@ class CausalLMModule(L.LightningModule):
             # the optimizer spec in hparams.yaml (TensorBoard's HPARAMS view compares runs by it)
             self.save_hyperparameters({"optimizer": dataclasses.replace(spec).to_dict()})
             if mup is not None:
-                from ..mup import set_base_shapes
+                from ..mup import hf_to_mup, is_hf_model, set_base_shapes
 
-                set_base_shapes(model, mup)
+                if isinstance(mup, int) and not isinstance(mup, bool) and is_hf_model(model):
+                    hf_to_mup(model, base_width=mup)  # readout multiplier, base shapes from its config, init
+                else:
+                    set_base_shapes(model, mup)
         else:
             self.model = None
             self._model_spec = model

@@ -30,6 +30,7 @@ _EXPORTS = {
     "require_base_shapes": "shapes", "set_base_shapes": "shapes", "width_mults": "shapes",
     "NOT_TRANSFERRED": "transfer", "transfer": "transfer",
     "coord_check": "coord", "coord_ratios": "coord", "mup_hf_model": "hf", "hf_base_shapes": "hf", "config_at_width": "hf",
+    "hf_to_mup": "hf", "is_hf_model": "hf",
     "check_readout_multiplier": "shapes",
 }
 

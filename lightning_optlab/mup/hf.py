@@ -14,7 +14,8 @@ architecture at ``base_width``:
   the config's own standard-parametrization model.
 
 Then ``configure(model, name, lr=base_lr, mup=True)`` (or ``CausalLMModule(model, spec)`` with
-``spec.mup = True``) rewrites the per-group learning rates.
+``spec.mup = True``) rewrites the per-group learning rates. ``CausalLMModule(hf_model, spec, mup=base_width)``
+does both for a model built from its config (:func:`hf_to_mup`, in place).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from .._extras import require
 from .shapes import fan_in_mults, set_base_shapes
 
-__all__ = ["config_at_width", "hf_base_shapes", "mup_hf_model"]
+__all__ = ["config_at_width", "hf_base_shapes", "hf_to_mup", "is_hf_model", "mup_hf_model"]
 
 #: (width, heads, kv heads, MLP width) attribute names of the supported config families
 _FIELDS = {"hidden_size": ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"),
@@ -134,6 +135,33 @@ def mup_hf_model(config: Any, *, base_width: int, zero_readout: bool = False,
         raise ValueError(f"base_width {base_width} is larger than the model's width {getattr(config, w_key)}; "
                          "μP scales up from a narrower proxy")
     model = factory(config) if factory is not None else _build(config, meta=False)
+    return hf_to_mup(model, base_width=base_width, zero_readout=zero_readout)
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` looks like a Hugging Face causal LM: a ``config`` of a supported family (hidden_size /
+    num_attention_heads or n_embd / n_head) and ``get_output_embeddings``."""
+    config = getattr(model, "config", None)
+    return (callable(getattr(model, "get_output_embeddings", None)) and config is not None
+            and any(hasattr(config, k) and hasattr(config, f[1]) for k, f in _FIELDS.items()))
+
+
+def hf_to_mup(model: nn.Module, *, base_width: int, zero_readout: bool = False) -> nn.Module:
+    """Put a freshly initialized Hugging Face causal LM into μP relative to its architecture at ``base_width``,
+    in place: the readout becomes mup's ``MuReadout`` (``MuSharedReadout`` when tied), base shapes come from
+    the model's config at ``base_width`` and ``2·base_width`` (built on ``meta``), and hidden matrices get their
+    init std divided by sqrt(fan-in multiplier). A model already holding a ``MuReadout`` (from
+    :func:`mup_hf_model`) only gets its base shapes: it is not re-initialized. Returns ``model``.
+
+    ``CausalLMModule(model, spec, mup=base_width)`` calls this for a Hugging Face model.
+    """
+    w_key = _fields(model.config)[0]
+    width = getattr(model.config, w_key)
+    if isinstance(base_width, bool) or not isinstance(base_width, int) or not 0 < base_width <= width:
+        raise ValueError(f"base_width must be a width in [1, {width}] (the model's {w_key}), got {base_width!r}; "
+                         "μP scales up from a narrower proxy")
+    if type(model.get_output_embeddings()).__name__ in ("MuReadout", "MuSharedReadout"):
+        return hf_base_shapes(model, base_width)
     _mu_readout(model, zero_readout)  # first: the new readout's weight then gets its base shape too
     hf_base_shapes(model, base_width)
     with torch.no_grad():

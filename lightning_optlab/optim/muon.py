@@ -13,7 +13,10 @@ checkpoints move between the two; the constructor differs: ``scale`` instead of
   kernel launches on a GPU);
 * a parameter that is not a 2-D matrix is refused with a message that says how to route it
   to AdamW, and a non-finite gradient is skipped (state untouched, counted) or raised;
-* ``health()`` reports the orthogonality of the Newton-Schulz output and the step sizes.
+* ``health()`` reports the orthogonality of the Newton-Schulz output and the step sizes;
+* a fused attention projection (tagged ``optlab_fused_qkv`` by the roles code: GPT-2's ``c_attn``,
+  ``qkv``/``Wqkv``/``query_key_value`` weights whose output axis is 3× the input) has Q, K and V
+  orthogonalized separately (:func:`orthogonalize_fused_qkv`), with each block's shape factor.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ._validate import check_beta, check_eps, check_lr, check_positive_int, chec
 from .base import HParams, OptlabOptimizer, Traits, check_bool, check_choice, looks_flattened
 from .health import HealthMixin, quantile_stats, update_stats
 
-__all__ = ["Muon", "MuonHParams", "newton_schulz5", "muon_scale", "cpu_has_bf16_units", "NS_COEFFICIENTS", "SCALES"]
+__all__ = ["Muon", "MuonHParams", "newton_schulz5", "orthogonalize_fused_qkv", "qkv_blocks", "muon_scale", "cpu_has_bf16_units", "NS_COEFFICIENTS", "SCALES"]
 
 #: the quintic iteration's coefficients (a, b, c), Jordan et al. 2024
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -91,9 +94,37 @@ def newton_schulz5(
 def out_in_shape(p: Tensor) -> tuple[int, int]:
     """``(fan_out, fan_in)`` of a matrix: ``p.shape`` as ``nn.Linear`` stores it, swapped for a weight stored
     ``(in_features, out_features)`` (HF's ``Conv1D``, tagged ``optlab_in_out`` by
-    :func:`lightning_optlab.params.classify_parameters`)."""
+    :func:`lightning_optlab.params.classify_parameters`). For a fused QKV weight (tagged
+    ``optlab_fused_qkv``) the shape of one of its three blocks, each orthogonalized on its own."""
     rows, cols = p.size(0), p.size(1)
-    return (cols, rows) if getattr(p, "optlab_in_out", False) else (rows, cols)
+    out, fan_in = (cols, rows) if getattr(p, "optlab_in_out", False) else (rows, cols)
+    return (out // 3, fan_in) if getattr(p, "optlab_fused_qkv", None) else (out, fan_in)
+
+
+def orthogonalize_fused_qkv(p: Tensor, u: Tensor, dtype: torch.dtype, steps: int,
+                            coefficients: tuple[float, float, float], eps: float) -> Tensor:
+    """O for a fused attention projection: Q, K and V orthogonalized separately, ``[O(Q); O(K); O(V)]``.
+
+    ``p.optlab_fused_qkv`` (set by :func:`lightning_optlab.params.classify_parameters`) is the number of
+    heads h the output axis interleaves (1 for ``[Q; K; V]``, e.g. GPT-2's ``c_attn``; h for GPT-NeoX's
+    per-head ``[q_i; k_i; v_i]`` ``query_key_value``). The output axis (rows, or columns for a
+    ``Conv1D``, ``optlab_in_out``) is viewed as (h, 3, d/h) and block j ∈ {Q, K, V} is its j-th slice;
+    each block is orthogonalized in the ``(out, in)`` layout, as separate q/k/v layers would be
+    (modded-nanogpt keeps QKV as a (3, d, d) stack for this reason). Returns O shaped as ``u``.
+    """
+    o = newton_schulz5(qkv_blocks(p, u).to(dtype), steps, coefficients, eps)
+    heads, (_, rows, cols) = int(p.optlab_fused_qkv), o.shape
+    o = o.reshape(3, heads, rows // heads, cols).transpose(0, 1).reshape(3 * rows, cols)
+    return o.mT if getattr(p, "optlab_in_out", False) else o
+
+
+def qkv_blocks(p: Tensor, u: Tensor) -> Tensor:
+    """The (3, d_out/3, d_in) stack ``[Q, K, V]`` of a fused QKV tensor ``u`` shaped as ``p``, in ``(out, in)``
+    layout (see :func:`orthogonalize_fused_qkv`)."""
+    heads = int(p.optlab_fused_qkv)
+    m = u.mT if getattr(p, "optlab_in_out", False) else u  # (3d_out, d_in)
+    rows, cols = m.shape
+    return m.reshape(heads, 3, rows // (3 * heads), cols).transpose(0, 1).reshape(3, rows // 3, cols)
 
 
 def muon_scale(scale: Optional[str], rows: int, cols: int) -> float:
@@ -290,6 +321,9 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
             group = self.param_groups[gi]
             key = (tuple(p.shape), p.device, _ns_dtype(group["ns_dtype"], p.device), int(group["ns_steps"]),
                    tuple(group["ns_coefficients"]), float(group["eps"]))
+            if getattr(p, "optlab_fused_qkv", None):  # Q, K and V orthogonalized one by one
+                updates[i] = orthogonalize_fused_qkv(p, updates[i], *key[2:])
+                continue
             buckets.setdefault(key, []).append(i)
         for (_, _, dtype, steps, coefs, eps), idx in buckets.items():
             u = updates[idx[0]].to(dtype) if len(idx) == 1 else torch.stack([updates[i].to(dtype) for i in idx])
@@ -330,15 +364,17 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         lr = float(group["lr"])
         s = muon_scale(group["adjust_lr_fn"], *out_in_shape(p))
         dtype = _ns_dtype(group["ns_dtype"], p.device)
-        o = newton_schulz5(buf.to(dtype), int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
+        # a fused QKV weight: the statistics of its Q, K and V blocks (a (3, rows, cols) stack), as updated
+        u = qkv_blocks(p, buf) if getattr(p, "optlab_fused_qkv", None) else buf
+        o = newton_schulz5(u.to(dtype), int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
         o = o.double()
-        short = o if o.size(0) <= o.size(1) else o.T
-        n = short.size(0)
+        short = o if o.size(-2) <= o.size(-1) else o.mT
+        n = short.size(-2)
         eye = torch.eye(n, dtype=o.dtype, device=o.device)
         sv = torch.linalg.svdvals(short)
-        sigma = torch.linalg.svdvals(buf.double())
+        sigma = torch.linalg.svdvals(u.double())
         out = {
-            "ortho_error": (torch.linalg.matrix_norm(short @ short.T - eye) / math.sqrt(n)).item(),
+            "ortho_error": (torch.linalg.matrix_norm(short @ short.mT - eye) / math.sqrt(n)).max().item(),
             "ns_sv_min": sv.min().item(),
             "ns_sv_max": sv.max().item(),
             "scale": s,
@@ -349,7 +385,7 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
         # iteration maps each normalized singular value x = σ_i/‖u‖ on its own, x ← x(a + b x² + c x⁴),
         # so the gain σ_i(O)/σ_i(u) is Π_k (a + b x_k² + c x_k⁴)/‖u‖: finite also where σ_i = 0.
         a, b, c = group["ns_coefficients"]
-        norm = max(float(torch.linalg.vector_norm(sigma)), float(group["eps"]))
+        norm = torch.linalg.vector_norm(sigma, dim=-1, keepdim=True).clamp_min(float(group["eps"]))
         x, gain = sigma / norm, torch.ones_like(sigma)
         for _ in range(int(group["ns_steps"])):
             factor = a + b * x**2 + c * x**4

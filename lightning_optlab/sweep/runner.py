@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -257,8 +257,14 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
     print(f"sweep {out_dir}: {len(dirs)} points, {skipped} finished (skipped), {len(todo)} to run "
           f"({sum(point_status(d) == 'partial' for d in todo)} resume from a checkpoint); executor {executor}")
     failures: dict[str, str] = {}
+    bar = _progress(len(todo))
+
+    def finished(d: Path) -> None:  # one line per finished point, whatever ran it, and the bar moves
+        collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep
+        bar.update(1)
+        bar.write(f"[{bar.n}/{len(todo)}] {point_line(d, failures)}")
+
     if executor == "inline":
-        bar = _progress(len(todo))
         for i, d in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {d.name}", flush=True)
             try:
@@ -272,16 +278,23 @@ def run_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, *, sc
             except Exception:  # noqa: BLE001 - one broken point (or bad config) must not end the sweep
                 failures[d.name] = traceback.format_exc()
                 (d / "last_error.txt").write_text(failures[d.name])
-            collect(out_dir, failures=failures)  # the table so far: `optlab report` works mid-sweep
-            bar.update(1)
-            bar.write(f"[{i + 1}/{len(todo)}] {point_line(d, failures)}")
-        bar.close()
+            finished(d)
     elif executor == "local":
         n = parallel or spec.parallel
         with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(_run_subprocess, todo))
+            running = {pool.submit(_run_subprocess, d): d for d in todo}
+            for future in as_completed(running):
+                d = running[future]
+                _note_failure(d, failures)
+                finished(d)
     else:
-        failures.update(_run_submitit(todo, Path(out_dir), executor, {**spec.slurm, **(slurm or {})}))
+        for d, error in _run_submitit(todo, Path(out_dir), executor, {**spec.slurm, **(slurm or {})}):
+            if error is not None:
+                failures[d.name] = error
+            else:
+                _note_failure(d, failures)
+            finished(d)
+    bar.close()
     for d in todo:
         if not (d / "result.json").exists() and d.name not in failures:
             failures[d.name] = (d / "last_error.txt").read_text() if (d / "last_error.txt").exists() else "no result"
@@ -319,8 +332,17 @@ def point_line(d: Path, failures: Mapping[str, str]) -> str:
     return f"{d.name}: {res.get('status', 'done')}" + (f", {', '.join(parts)}" if parts else "")
 
 
-def _run_submitit(todo: list[Path], out: Path, executor: str, params: Mapping[str, Any]) -> dict[str, str]:
+def _note_failure(d: Path, failures: dict[str, str]) -> None:
+    """A point that ended without a result is a failure, with its last_error.txt as the reason."""
+    if not (d / "result.json").exists() and d.name not in failures:
+        failures[d.name] = (d / "last_error.txt").read_text() if (d / "last_error.txt").exists() else "no result"
+
+
+def _run_submitit(todo: list[Path], out: Path, executor: str,
+                  params: Mapping[str, Any]) -> Iterator[tuple[Path, str | None]]:
+    """Submit one job per point; yield ``(point, error or None)`` as the jobs finish, in that order."""
     import submitit
+    import submitit.helpers
 
     folder = out / "submitit" / "%j"
     if executor == "submitit-local":
@@ -335,13 +357,14 @@ def _run_submitit(todo: list[Path], out: Path, executor: str, params: Mapping[st
             ex.update_parameters(name=d.name)
         jobs.append((d, ex.submit(run_point, str(d))))
     print("submitted: " + ", ".join(f"{d.name} (job {j.job_id})" for d, j in jobs), flush=True)
-    failures = {}
-    for d, job in jobs:
+    point_of = {id(job): d for d, job in jobs}
+    poll = 1.0 if executor == "submitit-local" else 10.0  # SLURM's queue is asked less often
+    for job in submitit.helpers.as_completed([j for _, j in jobs], poll_frequency=poll):
         try:
             job.result()
+            yield point_of[id(job)], None
         except Exception as err:  # noqa: BLE001 - recorded as a failed row, resumable by a rerun
-            failures[d.name] = str(err)[-2000:]
-    return failures
+            yield point_of[id(job)], str(err)[-2000:]
 
 
 def collect(out_dir: str | Path, failures: Mapping[str, str] | None = None) -> list[dict[str, Any]]:

@@ -141,7 +141,7 @@ def _adamw_direct(opt, p):
 def adamw_run(tmp_path_factory):
     """5 optimizer steps of 2 accumulated batches each; health after steps 2, 4 and the last (5)."""
     logger, grads = RecordingLogger(), GradRecorder()
-    cb = PreconditionerHealth(every_n_steps=2, plot=False)
+    cb = PreconditionerHealth(every_n_steps=2, per_parameter=True, plot=False)
     module = _module()
     trainer = _fit(tmp_path_factory.mktemp("adamw"), module, [grads, cb], logger, max_steps=5, accumulate_grad_batches=2)
     return module, trainer, logger, grads, cb
@@ -213,7 +213,7 @@ def test_aggregate_by_role_rules():
 def test_adalayer_readout_rows_are_its_per_row_block_learning_rates(tmp_path):
     logger = RecordingLogger()
     module = _module(dict(name="adalayer", lr=3e-3, betas=(0.9, 0.95)))
-    trainer = _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, plot=False)], logger, max_steps=2)
+    trainer = _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, per_parameter=True, plot=False)], logger, max_steps=2)
     opt = trainer.optimizers[0]
     p = dict(module.named_parameters())[READOUT]
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
@@ -255,7 +255,7 @@ def test_effective_lr_tensor_agrees_with_the_optimizers_health(name, kwargs):
 def test_torch_optimizer_without_names_or_roles(tmp_path):
     logger = RecordingLogger()
     module = _module(cls=TorchAdamWModule)
-    trainer = _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, plot=False)], logger, max_steps=2)
+    trainer = _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, per_parameter=True, plot=False)], logger, max_steps=2)
     logged = logger.health()[2]
     eff, _ = _adamw_direct(trainer.optimizers[0], dict(module.named_parameters())[READOUT])
     assert logged[f"health_param/{READOUT}/eff_lr_q50"] == pytest.approx(_quantiles(eff)[2], rel=1e-5)
@@ -268,7 +268,7 @@ def test_torch_optimizer_without_names_or_roles(tmp_path):
 def test_matrix_statistics_pass_through(tmp_path):
     logger = RecordingLogger()
     module = _module(cls=MatrixStatsModule)
-    _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, plot=False)], logger, max_steps=2)
+    _fit(tmp_path, module, [PreconditionerHealth(every_n_steps=2, per_parameter=True, plot=False)], logger, max_steps=2)
     logged = logger.health()[2]
     names = list(dict(module.named_parameters()))
     hidden = [i for i, n in enumerate(names) if classify_parameters(module)[n] == "hidden"]
@@ -280,7 +280,7 @@ def test_matrix_statistics_pass_through(tmp_path):
 def test_roles_and_per_parameter_switches(tmp_path):
     logger = RecordingLogger()
     no_params = PreconditionerHealth(every_n_steps=2, per_parameter=False, plot=False)
-    no_roles = PreconditionerHealth(every_n_steps=2, roles=False, plot=False)
+    no_roles = PreconditionerHealth(every_n_steps=2, roles=False, per_parameter=True, plot=False)
     _fit(tmp_path, _module(), [no_params, no_roles], logger, max_steps=2)
     first, second = [m for s, m in logger.calls if s == 1 and "health/compute_seconds" in m]
     assert not any(k.startswith("health_param/") for k in first) and "health/hidden/eff_lr_q50" in first

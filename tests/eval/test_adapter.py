@@ -165,3 +165,20 @@ def test_a_float64_model_is_scored_in_float64(model):
     got = ModuleLM(model64, ByteTokenizer(), batch_size=2).score_tokens(reqs)
     for (logp, _), ref in zip(got, refs):
         assert logp == pytest.approx(ref, abs=1e-10, rel=1e-12)
+
+
+@pytest.mark.parametrize("call, args", [
+    ("loglikelihood", ("ab", "c")),
+    ("loglikelihood_rolling", ("abcdef",)),
+    ("generate_until", ("abc", {"until": ["\x00never"], "max_gen_toks": 2})),
+])
+def test_progress_bars_follow_lm_evals_disable_tqdm(model, call, args, capsys):
+    lm = ModuleLM(model, ByteTokenizer(), max_length=16)
+    request = [Instance(call, {}, args, 0)]
+    getattr(lm, call)(request, disable_tqdm=True)
+    assert "requests" not in capsys.readouterr().err
+    getattr(lm, call)(request)  # lm-eval's default: disable_tqdm=False shows its bar, as HFLM does
+    assert f"Running {call} requests" in capsys.readouterr().err
+    lm_rank1 = ModuleLM(model, ByteTokenizer(), max_length=16, rank=1, world_size=1)  # not rank 0: no bar
+    getattr(lm_rank1, call)(request)
+    assert "requests" not in capsys.readouterr().err

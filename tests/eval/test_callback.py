@@ -61,7 +61,7 @@ def _fit(module, cb, tmp_path, steps=4):
     logger = MemoryLogger()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, log_every_n_steps=1)
     torch.manual_seed(1)
     trainer.fit(module, DataLoader(list(torch.randint(0, 257, (16, 17))), batch_size=2))
     return trainer, logger
@@ -73,7 +73,9 @@ def test_logs_every_n_steps_and_at_fit_end_and_writes_results(task_dir, tmp_path
     module = _module()
     trainer, logger = _fit(module, cb, tmp_path)
     evals = [(s, m) for s, m in logger.logged if any(k.startswith("eval/") for k in m)]
-    assert [s for s, _ in evals] == [2, 4]  # fit end at step 4 is not evaluated twice
+    # after updates 2 and 4 (fit end at step 4 is not evaluated twice), at the index of their train/loss
+    assert [s for s, _ in evals] == [1, 3]
+    assert {1, 3} <= {s for s, m in logger.logged if "train/loss" in m}
     assert set(evals[-1][1]) == {"eval/arc_easy/acc", "eval/arc_easy/acc_norm", "eval/hellaswag/acc",
                                  "eval/hellaswag/acc_norm", "eval/mmlu/acc"}
     assert float(trainer.callback_metrics["eval/mmlu/acc"]) == pytest.approx(evals[-1][1]["eval/mmlu/acc"])
@@ -121,7 +123,7 @@ def test_tokenizer_from_the_datamodule_and_hub_failure_without_network(task_dir,
     cb = ZeroShotEval(["arc_easy"], task_dir=task_dir, limit=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, log_every_n_steps=1)
     trainer.fit(module, datamodule=Data())
     assert (tmp_path / "zeroshot_step1.json").is_file() and "eval/arc_easy/acc" in trainer.callback_metrics
     # the built-in (hub) tasks without network: a fast, clear error

@@ -98,3 +98,29 @@ def test_a_base_module_works_through_causal_lm_module():
     assert module.spec.mup
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert {g["role"]: g["lr"] for g in groups}["hidden"] == pytest.approx(1e-2 / 4)
+
+
+@pytest.mark.parametrize("family", list(CFGS))
+def test_causal_lm_module_takes_a_base_width_for_a_hugging_face_model(family):
+    from lightning_optlab.lit import CausalLMModule
+
+    torch.manual_seed(0)
+    module = CausalLMModule(transformers.AutoModelForCausalLM.from_config(CFGS[family](64)),
+                            OptimizerSpec(name="adamw", lr=1e-2), mup=16)
+    assert module.spec.mup
+    assert type(module.model.get_output_embeddings()).__name__ in ("MuReadout", "MuSharedReadout")
+    lrs = {g["role"]: g["lr"] for g in module.configure_optimizers()["optimizer"].param_groups}
+    assert lrs["hidden"] == pytest.approx(1e-2 / 4) and lrs["embedding"] == pytest.approx(1e-2)
+    # the same model as mup_hf_model builds from the config
+    torch.manual_seed(0)
+    ref = mup_hf_model(CFGS[family](64), base_width=16)
+    for (n, p), (_, q) in zip(module.model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+
+    def factory(width):  # the coordinate check through CausalLMModule(model, spec, mup=32)
+        model = transformers.AutoModelForCausalLM.from_config(config_at_width(CFGS[family](32), width))
+        return CausalLMModule(model, OptimizerSpec(name="adamw", lr=1e-2), mup=32).model
+
+    ratios = coord_ratios(coord_check(factory, "adamw", widths=[32, 64, 128], steps=3, lr=1e-2, batch_size=4,
+                                      seq_len=16), t=3)
+    assert "logits" in ratios and all(1 / 1.5 < r < 1.5 for r in ratios.values()), ratios

@@ -169,7 +169,7 @@ class _NaNAt(Callback):
 
 
 def test_health_and_the_guards_through_lightning(registered, tmp_path):
-    health = PreconditionerHealth(every_n_steps=2, plot=False)
+    health = PreconditionerHealth(every_n_steps=2, per_parameter=True, plot=False)
     module = CausalLMModule(_gpt(), OptimizerSpec(name=registered, lr=0.02))
     _trainer(tmp_path, [health], max_steps=4).fit(module, _data())
     key = "health_param/model.blocks.0.mlp.up_proj.weight/eff_lr_max"

@@ -322,3 +322,88 @@ def test_auto_ns_dtype_follows_the_cpu_bf16_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(muon_module, "cpu_has_bf16_units", lambda: False)
     assert muon_module._ns_dtype("auto", cpu) == torch.float32
     assert muon_module._ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+# --- fused QKV: Q, K and V orthogonalized separately --------------------------------------------------
+
+
+def _muon_step_on(p, grad, lr=0.1):
+    p.grad = grad.clone()
+    opt = Muon([p], lr=lr, momentum=0.0, nesterov=False, ns_dtype="float64")
+    before = p.detach().clone()
+    opt.step()
+    return p.detach() - before
+
+
+def test_gpt2_c_attn_conv1d_is_split_into_q_k_v_blocks():
+    transformers = pytest.importorskip("transformers")
+    from lightning_optlab.optim.muon import muon_scale
+    from lightning_optlab.params import classify_parameters
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    classify_parameters(model)
+    c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D: stored (in=16, out=48)
+    assert c_attn.optlab_fused_qkv == 1 and c_attn.optlab_in_out and c_attn.shape == (16, 48)
+    assert not hasattr(model.transformer.h[0].attn.c_proj.weight, "optlab_fused_qkv")
+    grad = torch.randn_like(c_attn)
+    step = _muon_step_on(c_attn, grad)
+    # reference: in nn.Linear's (out, in) layout, [Q; K; V] rows, each block on its own
+    g = grad.T
+    blocks = [newton_schulz5(b, 5) for b in g.split(16, dim=0)]
+    expected = -0.1 * muon_scale("match_rms_adamw", 16, 16) * torch.cat(blocks).T
+    torch.testing.assert_close(step, expected, rtol=1e-10, atol=1e-12)
+    # and not the whole matrix at once
+    whole = -0.1 * muon_scale("match_rms_adamw", 48, 16) * newton_schulz5(g, 5).T
+    assert (step - whole).abs().max() > 1e-3
+    # health() reads the blocks too: each block is near-orthogonal (the stacked matrix would be ~sqrt(3) off)
+    opt = Muon([c_attn], lr=0.1, momentum=0.5, ns_dtype="float64")
+    c_attn.grad = grad.clone()
+    opt.step()
+    stats = {k.rsplit("/", 1)[-1]: v for k, v in opt.health().items()}
+    assert stats["ortho_error"] < 0.6 and 0.6 < stats["ns_sv_min"] <= stats["ns_sv_max"] < 1.25, stats
+    assert stats["scale"] == muon_scale("match_rms_adamw", 16, 16)
+
+
+def test_linear_qkv_and_interleaved_query_key_value():
+    from lightning_optlab.params import classify_parameters
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24, bias=False)
+            self.query_key_value = torch.nn.Linear(8, 24, bias=False)
+
+    class Model(torch.nn.Module):
+        config = type("Cfg", (), {"num_attention_heads": 2})()
+
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn().double()
+
+    model = Model()
+    wrapped = torch.nn.Sequential(model)  # as a LightningModule holds it: the head count is found inside
+    classify_parameters(wrapped)
+    qkv, neox = model.attn.qkv.weight, model.attn.query_key_value.weight
+    assert qkv.optlab_fused_qkv == 1 and neox.optlab_fused_qkv == 2
+    grad = torch.randn(24, 8, dtype=torch.float64)
+    step = _muon_step_on(qkv, grad)
+    expected = torch.cat([newton_schulz5(b, 5) for b in grad.split(8)])
+    torch.testing.assert_close(step, -0.1 * 0.2 * math.sqrt(8) * expected, rtol=1e-10, atol=1e-12)
+    # GPT-NeoX: rows are [q_0; k_0; v_0; q_1; k_1; v_1] per head (head size 4)
+    step = _muon_step_on(neox, grad)
+    per_head = grad.reshape(2, 3, 4, 8)
+    o = [newton_schulz5(per_head[:, j].reshape(8, 8), 5).reshape(2, 4, 8) for j in range(3)]
+    expected = torch.stack(o, dim=1).reshape(24, 8)
+    torch.testing.assert_close(step, -0.1 * 0.2 * math.sqrt(8) * expected, rtol=1e-10, atol=1e-12)
+
+
+def test_interleaved_qkv_without_a_head_count_warns_naming_the_fix():
+    from lightning_optlab.params import classify_parameters
+
+    model = torch.nn.Sequential()
+    model.add_module("query_key_value", torch.nn.Linear(8, 24))
+    with pytest.warns(UserWarning, match=r"'query_key_value.weight' looks like a per-head interleaved .*optlab_fused_qkv"):
+        classify_parameters(model)
+    assert not hasattr(model.query_key_value.weight, "optlab_fused_qkv")

@@ -162,3 +162,66 @@ def test_a_checkpoint_holding_code_is_refused_by_the_sweep_and_never_run(tmp_pat
     assert row["status"] == "failed"
     err = (point / "last_error.txt").read_text()
     assert "UntrustedCheckpointError" in err and "io.open" in err and str(point / "checkpoints" / "last.ckpt") in err
+
+
+def _fake_point(d):
+    """Stands in for a trained point: writes its result (the middle learning rate fails)."""
+    d = Path(d)
+    if "0.002" in d.name:
+        (d / "last_error.txt").write_text("Traceback\nValueError: bad point\n")
+        raise ValueError("bad point")
+    (d / "result.tmp").write_text(json.dumps({"status": "done", "final_val_loss": 4.0, "final_train_loss": 4.5}))
+    (d / "result.tmp").replace(d / "result.json")  # atomic, as the runner's own writes: other threads collect
+
+
+class _FakeJob:
+    def __init__(self, fn, arg, n):
+        self.job_id, self._error = str(n), None
+        try:
+            fn(arg)
+        except Exception as err:  # noqa: BLE001
+            self._error = err
+
+    def done(self):
+        return True
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+
+
+class _FakeExecutor:
+    def __init__(self, folder, **kw):
+        self.n = 0
+
+    def update_parameters(self, **kw):
+        pass
+
+    def submit(self, fn, arg):
+        self.n += 1
+        return _FakeJob(_fake_point, arg, self.n)
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local", "slurm"])
+def test_every_executor_shows_one_progress_bar_and_a_line_per_finished_point(tmp_path, executor, monkeypatch, capsys):
+    import submitit
+
+    from lightning_optlab.sweep import runner
+
+    def fake_subprocess(d):
+        try:
+            _fake_point(d)
+        except ValueError:
+            pass
+
+    monkeypatch.setattr(runner, "_run_subprocess", fake_subprocess)
+    monkeypatch.setattr(submitit, "LocalExecutor", _FakeExecutor)
+    monkeypatch.setattr(submitit, "AutoExecutor", lambda folder, cluster: _FakeExecutor(folder))
+    rows = run_sweep(_recipe(tmp_path, [1e-3, 2e-3, 3e-3]), tmp_path / "sweep", executor=executor, parallel=2)
+    out, err = capsys.readouterr()
+    assert sorted(r["status"] for r in rows) == ["done", "done", "failed"]
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]  # tqdm.write: above the bar
+    assert len(lines) == 3 and {ln[:5] for ln in lines} == {"[1/3]", "[2/3]", "[3/3]"}
+    assert sum("done, val loss 4.0000, train loss 4.5000" in ln for ln in lines) == 2
+    assert sum("failed (" in ln and "bad point" in ln for ln in lines) == 1
+    assert "sweep: 100%" in err and "3/3" in err  # the overall bar (tqdm: elapsed<remaining = ETA)
