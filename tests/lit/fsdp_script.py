@@ -84,9 +84,12 @@ class Data(L.LightningDataModule):
         return DataLoader(self.tokens, batch_size=GLOBAL_BATCH // self.trainer.world_size, sampler=sampler)
 
 
+DDP = False  # parity under DDP instead of FSDP2
+
+
 def trainer(max_steps: int, callbacks=(), precision="32-true", **kwargs) -> L.Trainer:
-    strategy = (ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1,
-                                      **kwargs.pop("strategy_kwargs", {})) if WORLD > 1 else "auto")
+    strategy = ("ddp" if DDP else ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1))
+    strategy = strategy if WORLD > 1 else "auto"
     defaults = dict(logger=False, enable_checkpointing=False)
     defaults.update(kwargs)
     return L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, precision=precision, max_steps=max_steps,
@@ -99,6 +102,9 @@ EXTRA = {
     "adam_mini": {"hparams": {"n_heads": 2}},
     "muon": {"lr": 0.02, "mix": [{"optimizer": "adamw", "roles": ["embedding", "readout", "norm", "bias"], "lr": 3e-3}]},
     "schedule_free_adamw": {"schedule": "constant"},  # it replaces the schedule
+    # refreshes at steps 3 and 6 of the 8 (and the first step's initialization)
+    "soap": {"hparams": {"precondition_frequency": 3}},
+    "shampoo": {"hparams": {"precondition_frequency": 3}},
 }
 
 
@@ -107,7 +113,10 @@ def spec(name: str) -> OptimizerSpec:
     return OptimizerSpec(name=name, **kwargs)
 
 
-def parity(out: str, names: str) -> None:
+def parity(out: str, names: str, strategy: str = "fsdp") -> None:
+    """Every optimizer of ``names`` for 8 steps; with 2 processes under FSDP2 or under DDP (``strategy``)."""
+    global DDP
+    DDP = strategy == "ddp"
     results = {}
     for entry in names.split(","):
         # "adamw:llama" trains the LLaMA model, "adamw:mup" the GPT in μP, "adamw:hf" a Hugging Face
@@ -117,7 +126,7 @@ def parity(out: str, names: str) -> None:
         L.seed_everything(0, verbose=False)
         model = hf_llama() if variant == "hf" else LLAMA if variant == "llama" else MODEL
         module = CausalLMModule(model, spec(name), mup=MUP_BASE if variant == "mup" else None,
-                                fsdp={"init": "full"} if WORLD > 1 else None)
+                                fsdp={"init": "full"} if WORLD > 1 and not DDP else None)
         rec = Recorder()
         try:
             trainer(STEPS, [rec]).fit(module, datamodule=Data())

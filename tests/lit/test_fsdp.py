@@ -47,13 +47,26 @@ def parity_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_parity")
     names = ",".join(OPTIMIZERS)
     run_script("parity", str(tmp / "one.pt"), names, world=1, cwd=tmp)
-    run_script("parity", str(tmp / "two.pt"), names, world=2, cwd=tmp)
-    return torch.load(tmp / "one.pt", weights_only=False), torch.load(tmp / "two.pt", weights_only=False)
+    run_script("parity", str(tmp / "fsdp.pt"), names, "fsdp", world=2, cwd=tmp)
+    run_script("parity", str(tmp / "ddp.pt"), names, "ddp", world=2, cwd=tmp)
+    return {name: torch.load(tmp / f"{name}.pt", weights_only=False) for name in ("one", "fsdp", "ddp")}
 
 
+# Measured, not a sharding matter: SOAP's first eigenbasis comes from a rank-deficient factor
+# (one step's G Gᵀ), whose null space eigh spans with an arbitrary basis; the rounding-level
+# difference of DDP's gradient average picks another one, and Adam in the rotated basis turns that
+# into a 60% difference of the weights' movement after 8 steps (loss 1e-3 from step 3 on).
+KNOWN = {("ddp", "soap"): "SOAP's first eigenbasis spans a rank-deficient factor's null space arbitrarily: "
+                           "rounding-level gradient differences change it (0.6 of the movement after 8 steps)"}
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_two_process_fsdp2_matches_one_process(parity_runs, optimizer):
-    one, two = parity_runs[0][optimizer], parity_runs[1][optimizer]
+def test_two_processes_match_one_process(parity_runs, optimizer, strategy):
+    """2 processes under FSDP2 (ModelParallelStrategy) or DDP equal one process at the same global batch."""
+    if (strategy, optimizer) in KNOWN:
+        pytest.xfail(KNOWN[(strategy, optimizer)])
+    one, two = parity_runs["one"][optimizer], parity_runs[strategy][optimizer]
     assert "error" not in one, one.get("trace")
     if "error" in two:
         # the clear refusal before training, until the optimizer-side distributor handles shards
