@@ -319,3 +319,36 @@ def test_per_role_groups_resolve_on_the_sharded_model(init_runs):
     assert len(expected) > 1
     assert init_runs["meta_groups"] == init_runs["full_groups"] == expected
     assert init_runs["meta_names"] == [n for n, _ in plain.model.named_parameters()]
+
+
+@pytest.fixture(scope="module")
+def one_file_runs(tmp_path_factory):
+    """1 plain process: 8 steps, and 4 steps saving a one-file checkpoint; that file converted by
+    to_distributed_checkpoint and resumed to 8 by 2 processes under FSDP2."""
+    from lightning_optlab.checkpoint import to_distributed_checkpoint
+
+    tmp = tmp_path_factory.mktemp("fsdp_one_file")
+    names = ",".join(RESUMED)
+    run_script("resume", str(tmp / "one.pt"), str(tmp / "ckpt"), names, world=1, cwd=tmp)
+    for name in RESUMED:
+        src = tmp / "ckpt" / name / "epoch=0-step=4.ckpt"
+        assert src.is_file()
+        src.rename(src.with_name("one-file.ckpt"))
+        to_distributed_checkpoint(src.with_name("one-file.ckpt"), src)
+    run_script("resume_other_world", str(tmp / "two.pt"), str(tmp / "ckpt"), names, world=2, cwd=tmp)
+    return torch.load(tmp / "one.pt", weights_only=False), torch.load(tmp / "two.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("optimizer", RESUMED)
+def test_a_one_process_checkpoint_converted_resumes_on_two_fsdp2_ranks(one_file_runs, optimizer):
+    runs, two = one_file_runs[0][optimizer], one_file_runs[1][optimizer]
+    assert "error" not in two, two.get("trace")
+    full = runs["full"]
+    assert two["losses"] == pytest.approx(full["losses"][4:], rel=1e-12)
+    for name, w in full["end"].items():
+        moved = (w - runs["first"]["end"][name]).norm().item()
+        assert (two["end"][name] - w).norm().item() <= 1e-9 * moved + 1e-12, name
+    a, b = _state_tensors(full["opt"]), _state_tensors(two["opt"])
+    assert a.keys() == b.keys()
+    for key, v in a.items():
+        torch.testing.assert_close(b[key].double(), v.double(), rtol=1e-9, atol=1e-15, msg=key)
