@@ -282,7 +282,7 @@ def _all(value):
 
 def callbacks_check(out: str, ckpt_dir: str) -> None:
     """NonFiniteGuard, WallClock and PreconditionerHealth on 2 ranks, under FSDP2 and under DDP."""
-    from lightning_optlab.callbacks import NonFiniteGuard, PreconditionerHealth, WallClock
+    from lightning_optlab.callbacks import NonFiniteGuard, PreconditionerHealth, StabilityMonitor, WallClock
     from lightning_optlab.callbacks.health import _merge_over_ranks
 
     results = {}
@@ -294,8 +294,9 @@ def callbacks_check(out: str, ckpt_dir: str) -> None:
             guard = NonFiniteGuard(action=action, check_every_n_steps=1, dirpath=f"{ckpt_dir}/{strategy}-{action}")
             clock = WallClock(log_every_n_steps=2, verbose=False)
             health = PreconditionerHealth(every_n_steps=2, plot=False)
+            stability = StabilityMonitor(every_n_steps=2)
             logger = MemoryLogger()
-            t = _trainer_for(strategy, 6, [Poison(step=2), guard, clock, health], logger)
+            t = _trainer_for(strategy, 6, [Poison(step=2), guard, clock, health, stability], logger)
             t.fit(module, datamodule=Data(n_batches=6))
             weights = {n: v.sum().item() for n, v in full_params(module).items()}
             results[(strategy, action)] = {

@@ -352,3 +352,11 @@ def test_a_one_process_checkpoint_converted_resumes_on_two_fsdp2_ranks(one_file_
     assert a.keys() == b.keys()
     for key, v in a.items():
         torch.testing.assert_close(b[key].double(), v.double(), rtol=1e-9, atol=1e-15, msg=key)
+
+
+def test_stability_update_ratios_are_of_the_whole_weights(callback_runs):
+    fsdp, ddp = callback_runs[("fsdp", "skip")]["logged"], callback_runs[("ddp", "skip")]["logged"]
+    keys = [k for k in ddp if k.startswith("stability/update_ratio")]
+    assert "stability/update_ratio_max" in keys
+    for key in keys:
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-5), key
