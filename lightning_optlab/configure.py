@@ -110,6 +110,11 @@ class OptimizerSpec:
     #: μP: lr, weight decay and ε are the base (proxy) model's, rewritten per parameter by each
     #: algorithm's rule and width multiplier (``lightning_optlab.mup``); the model needs base shapes
     mup: bool = False
+    #: under several ranks, optimizers that need whole tensors (SOAP, Shampoo, Muon, Adafactor,
+    #: Adalayer): "owner" computes each parameter's update on one owner rank and shares it (needed
+    #: under FSDP2; spreads the work under DDP), "replicate" computes every update on every rank
+    #: (DDP only). See :mod:`lightning_optlab.optim.distributed`.
+    distribute: str = "owner"
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
@@ -151,6 +156,10 @@ class OptimizerSpec:
         self.mix = [p if isinstance(p, MixPart) else MixPart(**p) for p in self.mix]
         if not isinstance(self.mup, bool):
             raise ValueError(f"mup must be true or false, got {self.mup!r}")
+        from .optim.distributed import DISTRIBUTE_MODES
+
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise ValueError(f"distribute must be one of {', '.join(map(repr, DISTRIBUTE_MODES))}, got {self.distribute!r}")
         if self.mup:
             from .mup.rules import mup_family  # only when μP is asked for
 
@@ -273,9 +282,15 @@ def build_optimizer(module_or_model: nn.Module, spec: OptimizerSpec) -> torch.op
     """The optimizer (an :class:`OptimizerMix` when ``spec.mix`` is set) for ``spec``."""
     plan = plan_param_groups(module_or_model, spec, stacklevel=4)
     children = [cls(groups, **kwargs) for cls, _, groups, kwargs in plan]
-    if len(children) == 1:
-        return children[0]
-    return OptimizerMix(children, names=[name for _, name, _, _ in plan])
+    optimizer = children[0] if len(children) == 1 else OptimizerMix(children, names=[name for _, name, _, _ in plan])
+    from .optim.distributed import set_distribution
+
+    set_distribution(optimizer, spec.distribute)
+    for child in children:  # sharded parameters that cannot be gathered: the error now, before training
+        check = getattr(child, "distributor", None)
+        if check is not None:
+            check()
+    return optimizer
 
 
 def plan_param_groups(

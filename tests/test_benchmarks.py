@@ -124,3 +124,25 @@ def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path
     assert table["steps=3"]["sp_wide"]["0"] != pytest.approx(d["sp_wide"]["0"])  # SP rerun at that length
     with pytest.raises(ValueError, match="unknown candidate"):
         bench.parse_candidate("init=0.1")
+
+
+def test_distributed_step_benchmark_measures_both_modes_and_the_state_per_rank(tmp_path, capsys):
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "distributed_step.py"), "--width", "16", "--blocks",
+                          "2", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "d.json")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out, rows = res.stdout, json.loads((tmp_path / "d.json").read_text())
+    assert "| soap |" in out and "owner / replicate" in out and "FSDP2 / DDP replicate" in out
+    assert set(rows["time"]) == {"soap", "shampoo", "muon"}
+    for name, r in rows["bytes"].items():
+        # two blocks of equal matrices: an owner (or FSDP2 shard) holds half of the state
+        assert r["fsdp"] == pytest.approx(r["ddp_replicate"] / 2, rel=0.05), name
+        if name in rows["time"] or name == "adafactor":
+            assert r["ddp_owner"] == pytest.approx(r["ddp_replicate"] / 2, rel=0.05), name
+        else:  # diagonal optimizers work on local tensors: DDP keeps everything everywhere
+            assert r["ddp_owner"] == r["ddp_replicate"], name

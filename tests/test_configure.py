@@ -192,3 +192,32 @@ def test_override_the_optimizer_would_ignore_is_an_error(tiny_lm, name, override
         configure(tiny_lm, name, lr=1e-3, overrides={"norm": override})
     # what the role's optimizer does take is fine (SGD's betas[0] is its momentum)
     configure(tiny_lm, "sgd", lr=1e-3, overrides={"norm": {"betas": (0.5, 0.0), "lr": 1e-2}})
+
+
+def test_distribute_is_set_on_the_whole_tensor_optimizers_and_checked_before_training():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_optlab import OptimizerSpec
+    from lightning_optlab.configure import build_optimizer
+    from lightning_optlab.optim.base import iter_leaf_optimizers
+
+    with pytest.raises(ValueError, match="distribute must be one of 'owner', 'replicate', got 'everywhere'"):
+        OptimizerSpec(name="soap", distribute="everywhere")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, OptimizerSpec(name="muon", distribute="replicate",
+                                               mix=[{"optimizer": "adamw", "roles": ["norm", "bias"]}]))
+    leaves = {type(o).__name__: o for o in iter_leaf_optimizers(opt)}
+    assert leaves["Muon"].distribute == "replicate"
+    assert leaves["AdamW"].distribute == "owner" and not leaves["AdamW"].traits.whole_tensors  # works on shards
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = torch.nn.Linear(4, 4, bias=False)
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"Muon got the shard 'weight' .* \(distribute='replicate'\); use distribute='owner'"):
+            build_optimizer(lin, OptimizerSpec(name="muon", distribute="replicate"))
+        build_optimizer(lin, OptimizerSpec(name="muon"))  # the default gathers shards on owner ranks
+    finally:
+        dist.destroy_process_group()

@@ -48,6 +48,7 @@ from ._validate import (  # re-exported: the checks an optimizer's HParams.check
     check_weight_decay,
     rollback_group,
 )
+from .distributed import DISTRIBUTE_MODES, Distributor, default_cost, is_sharded, world_info
 from .health import named_params
 
 __all__ = [
@@ -239,11 +240,12 @@ class OptlabOptimizer(torch.optim.Optimizer):
             if self.traits.whole_tensors:
                 for name, p in _group_param_names(group, gi):
                     problem = sharding_problem(p)
-                    if problem:
+                    if problem and not is_sharded(p):  # DTensor shards are gathered on owner ranks
                         raise ValueError(
-                            f"{type(self).__name__} needs whole tensors on every rank, but parameter {name!r} is "
-                            f"{problem}. Use DDP (every rank keeps whole parameters and computes the same update), "
-                            "or give the sharded parameters to AdamW through the per-role mix."
+                            f"{type(self).__name__} needs whole tensors, but parameter {name!r} is {problem}. "
+                            "Use FSDP2 (torch.distributed.fsdp.fully_shard, Lightning's ModelParallelStrategy: its "
+                            "DTensor shards are gathered on an owner rank) or DDP, or give these parameters to "
+                            "AdamW through the per-role mix."
                         )
 
     def _default_nonfinite(self) -> str:
@@ -284,7 +286,11 @@ class OptlabOptimizer(torch.optim.Optimizer):
         loss = call_closure(closure)
         hidden = self._screen_gradients()
         try:
-            self._update()
+            distributor = self.distributor()
+            if distributor is None:
+                self._update()
+            else:
+                distributor.step(self._update)
         finally:
             for p, g in hidden:
                 p.grad = g
@@ -292,6 +298,43 @@ class OptlabOptimizer(torch.optim.Optimizer):
 
     def _update(self) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ distribution (owner ranks)
+    #: ``"owner"``: under several ranks, each parameter's update is computed on one owner rank and
+    #: shared (optimizers with the ``whole_tensors`` trait); ``"replicate"``: every rank computes
+    #: every update (DDP only). See :mod:`lightning_optlab.optim.distributed`.
+    distribute: str = "owner"
+
+    def distributor(self) -> Optional[Distributor]:
+        """The owner-rank step of this optimizer, or None (one process, no whole-tensor trait, or
+        ``distribute="replicate"``, which refuses sharded parameters here, naming one)."""
+        if not self.traits.whole_tensors:
+            return None
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise ValueError(f"{type(self).__name__}.distribute must be one of "
+                             f"{', '.join(map(repr, DISTRIBUTE_MODES))}, got {self.distribute!r}")
+        world = world_info()
+        if self.distribute == "replicate" or world is None:
+            sharded = next(((name, p) for name, p, _ in named_params(self) if is_sharded(p)), None)
+            if sharded is None:
+                return None
+            world = world_info(min_world=1)  # a one-rank FSDP2 mesh: its shards are whole tensors
+            if self.distribute == "replicate" or world is None:
+                why = "distribute='replicate'" if world else "no process group is initialized"
+                raise ValueError(
+                    f"{type(self).__name__} got the shard {sharded[0]!r} (placements {tuple(sharded[1].placements)}) "
+                    f"but would compute whole-tensor updates from local shards ({why}); use distribute='owner' "
+                    "(the default) under FSDP2"
+                )
+        d = self.__dict__.get("_optlab_distributor")
+        if d is None or (d.rank, d.world) != world:
+            d = self.__dict__["_optlab_distributor"] = Distributor(self, *world)
+        return d
+
+    def distributed_cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
+        """The preconditioner work of ``p`` (its logical shape), which balances owner ranks.
+        Default: one eigendecomposition per dimension up to the group's ``max_precond_dim``."""
+        return default_cost(tuple(p.shape), group.get("max_precond_dim"))
 
     def _screen_gradients(self) -> list[tuple[Tensor, Tensor]]:
         """Refuse sparse gradients; apply each group's ``nonfinite`` policy. Returns the
@@ -310,7 +353,13 @@ class OptlabOptimizer(torch.optim.Optimizer):
                     checked.append((group, p))
         if not checked:
             return []
-        flags = _finite_flags([p.grad for _, p in checked])
+        grads = [p.grad.to_local() if is_sharded(p.grad) else p.grad for _, p in checked]
+        flags = _finite_flags(grads)
+        if any(is_sharded(p.grad) for _, p in checked) and world_info() is not None:
+            # each rank saw its shards only: a parameter is finite when it is finite on every rank
+            agreed = torch.tensor(flags, dtype=torch.int32, device=grads[0].device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            flags = [bool(f) for f in agreed.tolist()]
         if all(flags):
             return []
         hidden = []
@@ -366,9 +415,25 @@ class OptlabOptimizer(torch.optim.Optimizer):
         """float32 for a bfloat16/float16 parameter when the optimizer keeps float32 state, else its dtype."""
         return torch.float32 if cls.traits.float32_state and p.dtype in _LOW_PRECISION else p.dtype
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's; with owner ranks, the state of every owner (a collective: call it on every rank),
+        so that the dict is the one a single process would save."""
+        sd = super().state_dict()
+        distributor = self.distributor()
+        if distributor is not None:
+            sd["state"] = distributor.gather_state(sd["state"])
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, keeping float32 state of low-precision parameters float32 (torch would cast it to the
-        parameter's dtype), and filling group keys the saved groups lack with this optimizer's defaults."""
+        parameter's dtype), and filling group keys the saved groups lack with this optimizer's defaults.
+        With owner ranks each rank keeps the state of the parameters it owns."""
+        self._load_state_dict(state_dict)
+        distributor = self.distributor()
+        if distributor is not None:
+            distributor.drop_unowned()
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, val in self.defaults.items():

@@ -57,9 +57,15 @@ def named_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Tensor
             yield name, p, group
 
 
+def whole(t: Tensor) -> Tensor:
+    """``t`` itself, or the whole tensor of a sharded DTensor (FSDP2): statistics are per logical
+    parameter. A collective for a DTensor, so health statistics are computed on every rank."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def quantile_stats(prefix: str, values: Tensor) -> dict[str, float]:
     """Quantiles (min, 5%, 50%, 95%, max) of ``values`` as ``{prefix_min: ..., ...}``."""
-    flat = values.detach().reshape(-1).float()
+    flat = whole(values.detach()).reshape(-1).float()
     if flat.numel() == 0:
         return {}
     lo, hi = flat.min().item(), flat.max().item()
@@ -76,8 +82,8 @@ def quantile_stats(prefix: str, values: Tensor) -> dict[str, float]:
 
 def update_stats(param: Tensor, update: Tensor) -> dict[str, float]:
     """RMS of ``update`` (already scaled by the learning rate) and its ratio to the weight RMS."""
-    u_rms = update.detach().float().pow(2).mean().sqrt().item()
-    w_rms = param.detach().float().pow(2).mean().sqrt().item()
+    u_rms = whole(update.detach()).float().pow(2).mean().sqrt().item()
+    w_rms = whole(param.detach()).float().pow(2).mean().sqrt().item()
     return {"update_rms": u_rms, "update_to_weight": u_rms / w_rms if w_rms > 0 else float("inf")}
 
 
@@ -86,7 +92,8 @@ def diagonal_stats(param: Tensor, lr: float, sqrt_v_hat: Tensor, eps: float, dir
 
     ``sqrt_v_hat`` may be a broadcastable shape (one scalar per block, a rank-1 factor product).
     """
-    sqrt_v_hat = sqrt_v_hat.detach().float()
+    sqrt_v_hat = whole(sqrt_v_hat.detach()).float()
+    param, direction = whole(param.detach()), whole(direction.detach())
     denom = sqrt_v_hat + eps
     out = quantile_stats("eff_lr", (lr / denom).expand_as(param) if denom.numel() < param.numel() else lr / denom)
     out["eps_frac"] = (sqrt_v_hat < eps).float().mean().item()
@@ -102,10 +109,21 @@ class HealthMixin:
 
     @torch.no_grad()
     def health(self) -> dict[str, float]:
-        """Per-parameter statistics ``{"<name>/<stat>": value}``; empty before the first step."""
+        """Per-parameter statistics ``{"<name>/<stat>": value}``; empty before the first step.
+
+        With owner ranks (:mod:`~lightning_optlab.optim.distributed`) each owner computes the
+        statistics of its parameters on the whole tensors and every rank gets all of them: a
+        collective, so call it on every rank."""
+        distributor = getattr(self, "distributor", lambda: None)()
+        if distributor is not None:
+            return distributor.gather_health(self._health_of)
+        return self._health_of(
+            (name, p, group, self.state.get(p)) for name, p, group in named_params(self)  # type: ignore[arg-type,attr-defined]
+        )
+
+    def _health_of(self, items: Any) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, p, group in named_params(self):  # type: ignore[arg-type]
-            state = self.state.get(p)  # type: ignore[attr-defined]
+        for name, p, group, state in items:
             if not state:
                 continue
             for key, val in self._param_health(p, group, state).items():

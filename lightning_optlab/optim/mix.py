@@ -123,12 +123,12 @@ class OptimizerMix(torch.optim.Optimizer):
             )
         start = 0
         for child, n_groups in zip(self.children, expected):
+            # torch's loader pairs saved ids with parameters by position, so the ids are kept as
+            # they are: integers from state_dict(), parameter names from torch's distributed
+            # checkpoint (set_optimizer_state_dict)
             sub_groups = [copy.copy(g) for g in groups[start : start + n_groups]]
-            ids = [i for g in sub_groups for i in g["params"]]
-            base = min(ids) if ids else 0
-            for g in sub_groups:
-                g["params"] = [i - base for i in g["params"]]
-            sub_state = {i - base: s for i, s in state_dict["state"].items() if i in set(ids)}
+            ids = {i for g in sub_groups for i in g["params"]}
+            sub_state = {i: s for i, s in state_dict["state"].items() if i in ids}
             child.load_state_dict({"state": sub_state, "param_groups": sub_groups})
             start += n_groups
         self.param_groups = [g for c in self.children for g in c.param_groups]

@@ -261,6 +261,11 @@ class Muon(OptlabOptimizer, HealthMixin, torch.optim.Muon):
             param_group.setdefault(key, val)
         super().add_param_group(param_group)  # also loads a torch.optim.Muon state (base load_state_dict)
 
+    def distributed_cost(self, p: Tensor, group: dict[str, Any]) -> float:
+        """Newton-Schulz work of an (m, n) matrix: ~ns_steps · m·n·min(m, n) multiply-adds."""
+        m, n = (tuple(p.shape) + (1, 1))[:2]
+        return float(int(group.get("ns_steps", 5)) * m * n * min(m, n))
+
     def _update(self) -> None:
         work = self._collect()
         if not work:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).parents[2]
 # (sharded per decoder layer); "name:f32" the GPT in float32 (the loss curves are compared)
 DIAGONAL = ["adamw", "adamw:llama", "adamw:mup", "adamw:hf", "adamw:f32", "lion", "lion:mup", "lion:f32", "signum", "sgd", "sophia", "schedule_free_adamw",
             "adam_mini", "adafactor", "adalayer"]
-# need the optimizer-side distributor (owner ranks); refused as "needs whole tensors" until it lands
+# whole-tensor methods: their updates are computed on owner ranks (lightning_optlab/optim/distributed.py)
 MATRIX = ["soap", "shampoo", "muon"]
 OPTIMIZERS = DIAGONAL + MATRIX
 
@@ -52,32 +52,25 @@ def parity_runs(tmp_path_factory):
     return {name: torch.load(tmp / f"{name}.pt", weights_only=False) for name in ("one", "fsdp", "ddp")}
 
 
-# Measured, not a sharding matter: SOAP's first eigenbasis comes from a rank-deficient factor
-# (one step's G Gᵀ), whose null space eigh spans with an arbitrary basis; the rounding-level
-# difference of DDP's gradient average picks another one, and Adam in the rotated basis turns that
-# into a 60% difference of the weights' movement after 8 steps (loss 1e-3 from step 3 on).
-KNOWN = {("ddp", "soap"): "SOAP's first eigenbasis spans a rank-deficient factor's null space arbitrarily: "
-                           "rounding-level gradient differences change it (0.6 of the movement after 8 steps)"}
-
-
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_two_processes_match_one_process(parity_runs, optimizer, strategy):
     """2 processes under FSDP2 (ModelParallelStrategy) or DDP equal one process at the same global batch."""
-    if (strategy, optimizer) in KNOWN:
-        pytest.xfail(KNOWN[(strategy, optimizer)])
     one, two = parity_runs["one"][optimizer], parity_runs[strategy][optimizer]
     assert "error" not in one, one.get("trace")
     if "error" in two:
-        # the clear refusal before training, until the optimizer-side distributor handles shards
-        if "needs whole tensors" in two["error"]:
-            pytest.xfail(f"{optimizer} refuses FSDP2 shards until lightning_optlab.optim's distributor lands: "
-                         f"{two['error'][:160]}")
         pytest.fail(two["trace"])
     assert len(one["losses"]) == len(two["losses"]) == 8
     if optimizer.endswith(":f32"):  # float32: the loss curves within rounding
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=1e-6)
         assert all(torch.equal(two["start"][n], w) for n, w in one["start"].items())
+        return
+    if optimizer == "soap":
+        # The tiny GPT's rectangular matrices and LayerNorms give SOAP's Kronecker factors repeated
+        # eigenvalues, whose eigenbasis is arbitrary: SOAP's diagonal Adam in it turns the rounding of
+        # another summation order into visible differences (in one process too, see docs/distributed.md).
+        # The exact owner-rank check on a model without degenerate factors is tests/optim/test_distributed.py.
+        assert two["losses"] == pytest.approx(one["losses"], rel=2e-3)
         return
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-12, abs=1e-12)
     for name, w0 in one["start"].items():
@@ -131,7 +124,7 @@ def test_a_tensor_parallel_mesh_is_a_clear_error(init_runs):
     assert "ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in message
 
 
-RESUMED = ["adamw", "sophia"]
+RESUMED = ["adamw", "sophia", "shampoo", "muon"]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +140,22 @@ def resume_runs(tmp_path_factory):
             tmp / "ckpt")
 
 
+# Measured after the merge with the owner-rank distributor: a Shampoo checkpoint taken after a root
+# refresh (precondition_frequency=3, checkpoint at step 4) does not load under FSDP2 ("Missing key
+# in checkpoint state_dict: optimizer_0.state.model.wte.weight.roots"); with no refresh before the
+# checkpoint (frequency ≥ 5) it resumes exactly. The owner-rank state's keys differ between the
+# saving and the loading optimizer: the distributor's to fix (lightning_optlab/optim/distributed.py).
+_MISSING_KEY = "Missing key in checkpoint state_dict"
+
+
+def _known_resume_failure(optimizer: str, *runs: dict) -> None:
+    for run in runs:
+        if "error" in run:
+            if optimizer == "shampoo" and _MISSING_KEY in run["error"]:
+                pytest.xfail(f"Shampoo's owner-rank state after a refresh does not resume under FSDP2: {run['error'][:140]}")
+            pytest.fail(run["trace"])
+
+
 def _state_tensors(opt: dict) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": v for n, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
 
@@ -154,6 +163,7 @@ def _state_tensors(opt: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("optimizer", RESUMED)
 def test_sharded_checkpoint_resumes_exactly_at_the_same_world_size(resume_runs, optimizer):
     runs = resume_runs[0][optimizer]
+    _known_resume_failure(optimizer, runs)
     full, first, resumed = runs["full"], runs["first"], runs["resumed"]
     assert (first["global_step"], resumed["global_step"], full["global_step"]) == (4, 8, 8)
     assert first["losses"] + resumed["losses"] == full["losses"]  # bitwise
@@ -174,7 +184,7 @@ def test_sharded_checkpoint_resumes_at_another_world_size(resume_runs, optimizer
     default strategy with the pack's SafeCheckpointIO (which reads the shards whole) and ResumeCheck."""
     runs = resume_runs[0][optimizer]
     other = resume_runs[1][optimizer if how == "ModelParallelStrategy" else f"{optimizer}:plain"]
-    assert "error" not in other, other.get("trace")
+    _known_resume_failure(optimizer, runs, other)
     assert other["losses"] == pytest.approx(runs["full"]["losses"][4:], rel=1e-12)
     for name, w in runs["full"]["end"].items():
         moved = (w - runs["first"]["end"][name]).norm().item()
@@ -268,7 +278,10 @@ def test_health_gradient_norms_are_of_the_logical_parameters(callback_runs):
     assert "health/grad_norm" in keys and "health_param/model.wte.weight/grad_norm" in keys
     for key in keys:
         assert fsdp[key] == pytest.approx(ddp[key], rel=1e-6), key  # the callback takes norms in float32
-    assert "health/hidden/eff_lr_q50" in ddp  # DDP: the optimizer's own statistics too
+    assert "health/hidden/eff_lr_q50" in ddp and "health/hidden/eff_lr_q50" in fsdp
+    for key in [k for k in ddp if k.startswith("health/") and not k.endswith(("grad_norm", "compute_seconds"))]:
+        # the optimizer's statistics of the whole tensors (optim.health gathers a DTensor's shards)
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-12), key
 
 
 def test_health_merges_owner_rank_statistics(callback_runs):
@@ -342,7 +355,7 @@ def one_file_runs(tmp_path_factory):
 @pytest.mark.parametrize("optimizer", RESUMED)
 def test_a_one_process_checkpoint_converted_resumes_on_two_fsdp2_ranks(one_file_runs, optimizer):
     runs, two = one_file_runs[0][optimizer], one_file_runs[1][optimizer]
-    assert "error" not in two, two.get("trace")
+    _known_resume_failure(optimizer, runs, two)
     full = runs["full"]
     assert two["losses"] == pytest.approx(full["losses"][4:], rel=1e-12)
     for name, w in full["end"].items():

@@ -309,17 +309,19 @@ class _Placement:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_sharded_parameters_are_refused_by_methods_needing_whole_tensors_and_replicated_ones_accepted(name):
+def test_shards_need_a_process_group_for_methods_needing_whole_tensors_and_replicated_ones_are_accepted(name):
     cls = get_optimizer_class(name)
     params, _ = _quadratic(name=name)
     params[0].placements = (_Placement(shard=False),)  # a replicated DTensor holds the whole tensor
     cls(params, **CASES[name])
     params[0].placements = (_Placement(shard=True),)
+    opt = cls(params, **CASES[name])  # shards are accepted: owner ranks gather them (optim/distributed.py)
     if cls.traits.whole_tensors:
-        with pytest.raises(ValueError, match=r"needs whole tensors on every rank, but parameter 'group0.param0' is a DTensor"):
-            cls(params, **CASES[name])
-    else:  # an elementwise update is the same on a shard
-        cls(params, **CASES[name])
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError, match=r"got the shard 'group0.param0' \(placements \(Shard\(dim=0\),\)\) but "
+                                             r"would compute whole-tensor updates from local shards \(no process group"):
+            opt.step()
 
 
 # --- low-precision state ---------------------------------------------------------------------------

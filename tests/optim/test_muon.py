@@ -140,7 +140,7 @@ def test_non_matrix_parameters_are_refused_with_the_route_to_adamw():
         Muon([{"params": [torch.nn.Parameter(torch.zeros(5, 3))], "role": "embedding"}])
 
 
-def test_sharded_parameters_are_refused():
+def test_one_rank_shards_train_as_whole_matrices_and_flat_views_are_refused():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -148,9 +148,19 @@ def test_sharded_parameters_are_refused():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"Muon needs whole tensors on every rank, but parameter 'group0.param0' is a DTensor"):
-            Muon([w])
+        start = torch.randn(4, 3, dtype=torch.float64)
+        w = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        v = torch.nn.Parameter(start.clone())
+        a, b = Muon([w], lr=0.05, ns_dtype="float32"), Muon([v], lr=0.05, ns_dtype="float32")
+        for _ in range(3):
+            g = torch.randn(4, 3, dtype=torch.float64)
+            w.grad, v.grad = distribute_tensor(g, mesh, [Shard(0)]), g.clone()
+            a.step()
+            b.step()
+        torch.testing.assert_close(w.full_tensor(), v.detach(), rtol=0, atol=1e-12)
+        a.distribute = "replicate"
+        with pytest.raises(ValueError, match=r"got the shard 'group0.param0' .* \(distribute='replicate'\)"):
+            a.step()
     finally:
         dist.destroy_process_group()
     view = torch.nn.Parameter(torch.zeros(1))

@@ -342,7 +342,7 @@ def test_health_reports_factor_statistics_and_refresh_time():
 
 
 # ------------------------------------------------------------------------------ sharding
-def test_sharded_parameters_are_refused_and_flattened_views_warned():
+def test_one_rank_shards_train_as_whole_tensors_and_flattened_views_warned():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -350,9 +350,17 @@ def test_sharded_parameters_are_refused_and_flattened_views_warned():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"'h.w' is a DTensor with placements \(Shard\(dim=0\),\) \(FSDP2"):
-            Shampoo([("h.w", w)])
+        start, grads = torch.randn(4, 3, dtype=torch.float64), [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+        w = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        v = torch.nn.Parameter(start.clone())
+        a = Shampoo([("h.w", w)], lr=0.1, precondition_frequency=2, start_preconditioning_step=1)
+        b = Shampoo([("h.w", v)], lr=0.1, precondition_frequency=2, start_preconditioning_step=1)
+        for g in grads:  # the owner-rank path (optim/distributed.py) on one rank: the same update
+            w.grad, v.grad = distribute_tensor(g, mesh, [Shard(0)]), g.clone()
+            a.step()
+            b.step()
+        torch.testing.assert_close(w.full_tensor(), v.detach(), rtol=0, atol=1e-12)
+        assert a.state_dict()["state"][0]["step"] == 4
     finally:
         dist.destroy_process_group()
     flat = torch.zeros(40)

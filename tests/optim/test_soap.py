@@ -466,7 +466,7 @@ def test_large_rectangular_shape_with_an_unrotated_side():
 def test_sharded_parameters_are_refused_with_a_clear_error():
     p = nn.Parameter(torch.randn(8))
     p._fsdp_flattened = True  # what FSDP1 marks its flat parameters (and their views) with
-    with pytest.raises(ValueError, match="SOAP needs whole tensors on every rank, but parameter 'group0.param0' is an FSDP1"):
+    with pytest.raises(ValueError, match="SOAP needs whole tensors, but parameter 'group0.param0' is an FSDP1 .* Use FSDP2"):
         SOAP([p])
 
     class Shard:  # stands in for a DTensor placement (FSDP2, tensor parallelism)
@@ -476,8 +476,10 @@ def test_sharded_parameters_are_refused_with_a_clear_error():
     q = nn.Parameter(torch.randn(4, 4))
     q.placements = (Shard(),)
     opt = SOAP([("b", nn.Parameter(torch.randn(2)))])
-    with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor with placements"):
-        opt.add_param_group({"params": [q], "param_names": ["w"]})
+    opt.add_param_group({"params": [q], "param_names": ["w"]})  # accepted: owner ranks gather shards
+    q.grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"got the shard 'w' .* \(no process group is initialized\)"):
+        opt.step()
 
 
 # ------------------------------------------------------------------------------------ checkpoints
