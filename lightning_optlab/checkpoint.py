@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "DamagedCheckpointError", "UntrustedCheckpointError", "load_checkpoint",
-           "is_distributed_checkpoint",
+           "is_distributed_checkpoint", "to_distributed_checkpoint",
            "read_global_step", "verify_checkpoint", "save_checkpoint_atomic", "remove_stale_temp_files",
            "temp_path_for"]
 
@@ -223,6 +223,46 @@ def _load_distributed(p: Path, *, trust: bool, map_location: Any, mmap: bool, tr
     count = sum(1 for k in tensors if re.fullmatch(r"optimizer_\d+", k))
     meta["optimizer_states"] = [_positional(tensors[f"optimizer_{i}"]) for i in range(count)]
     return meta
+
+
+def to_distributed_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trust: bool = False) -> Path:
+    """Write a one-file Lightning checkpoint as a distributed checkpoint folder (DCP + ``meta.pt``).
+
+    Lightning's ``ModelParallelStrategy`` resumes a one-file checkpoint by mapping the optimizer
+    state's positions to the model's parameter order, which is not the optimizer's when the
+    parameters are grouped by role; a distributed checkpoint keys the state by parameter name and
+    resumes at any world size. The names come from ``optlab_param_names``, which
+    :class:`~lightning_optlab.lit.CausalLMModule` saves in every checkpoint.
+    Example: ``to_distributed_checkpoint("step=1000.ckpt", "step=1000.dcp")``, then
+    ``trainer.fit(..., ckpt_path="step=1000.dcp")`` under ``ModelParallelStrategy``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    src, dst = Path(src), Path(dst)
+    ckpt = load_checkpoint(src, trust=trust)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{src} is not a Lightning training checkpoint (no state_dict)", path=src, kind="not-torch")
+    optimizers = ckpt.pop("optimizer_states", [])
+    names = ckpt.get("optlab_param_names")
+    if optimizers and (not isinstance(names, list) or len(names) != len(optimizers)):
+        raise CheckpointError(
+            f"{src} does not say which parameter each optimizer state belongs to (no optlab_param_names: it was "
+            "written by another LightningModule or an older version); resume it with the strategy that wrote it",
+            path=src, kind="not-torch")
+    state: dict[str, Any] = {"state_dict": ckpt.pop("state_dict")}
+    for i, (opt, order) in enumerate(zip(optimizers, names or [])):
+        state[f"optimizer_{i}"] = {
+            "state": {order[k]: v for k, v in opt.get("state", {}).items()},
+            "param_groups": [{**g, "params": [order[k] for k in g["params"]]} for g in opt.get("param_groups", [])],
+        }
+    dst.mkdir(parents=True, exist_ok=False)
+    import warnings
+
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... save in a single process": as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(dst), no_dist=True)
+    torch.save(ckpt, dst / _LIGHTNING_META)
+    return dst
 
 
 def _read_shards(p: Path) -> dict[str, Any]:

@@ -302,6 +302,9 @@ class StabilityMonitor(Callback):
                 values += [torch.linalg.vector_norm(params[n].detach().float() - old32), torch.linalg.vector_norm(old32)]
         if not values:
             return {}
+        # an FSDP2 weight's norm is a DTensor (a partial sum per shard): every rank runs this, so
+        # full_tensor() reduces it to the logical parameter's norm
+        values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
         host = dict(zip(names, torch.stack([v.reshape(()).float().cpu() for v in values]).tolist()))  # one transfer
         out: dict[str, float] = {f"stability/{k}": host[k] for k in ("logit_rms", "log_z_mean") if k in host}
         attn = {f"stability/attn_max_logit/{k[5:]}": v for k, v in host.items() if k.startswith("attn/")}

@@ -303,6 +303,12 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restore_param_attrs()
+        if self._trainer is not None and self.trainer.optimizers:
+            # which parameter each position of the optimizer state is: what turns a one-file checkpoint into
+            # a distributed one (lightning_optlab.checkpoint.to_distributed_checkpoint), names keyed by position
+            names = {id(p): n for n, p in self.named_parameters()}
+            checkpoint["optlab_param_names"] = [[names.get(id(p)) for g in opt.param_groups for p in g["params"]]
+                                                for opt in self.trainer.optimizers]
         checkpoint["optlab_tokens_seen"] = self.tokens_seen
         checkpoint["optlab_optimizer"] = self._optimizer_identity()
         if self.spec.mup and self.model is not None:
