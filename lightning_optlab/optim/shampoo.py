@@ -353,7 +353,10 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         factors = new_factors(p.shape, group["max_precond_dim"], False, group["merge_dims"], dtype=dtype, device=p.device)
         if p.dim() >= 2 and any(f is not None for f in factors):
             state["factors"] = factors
-            state["roots"] = [None] * len(factors)
+            # roots allocated up front and marked computed in root_set: the state keeps one structure
+            # from the first step on (a distributed checkpoint loads into a fresh optimizer's state)
+            state["roots"] = [torch.zeros_like(f) if f is not None else None for f in factors]
+            state["root_set"] = [False] * len(factors)
         return state
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -421,6 +424,8 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
                 state["roots_kept"] += 1  # keep the previous root (or none: graft alone)
             else:
                 state["roots"][j] = root
+                if "root_set" in state:
+                    state["root_set"][j] = True
         mark_refreshed(state, fallbacks)
 
     def _grafted_directions(
@@ -431,7 +436,7 @@ class Shampoo(OptlabOptimizer, HealthMixin, torch.optim.Optimizer):
         if not pre:
             return {}
         dirs = [
-            project(moms[i].reshape(_merged(params[i], group)), states[i]["roots"], transpose=False).reshape(params[i].shape)
+            project(moms[i].reshape(_merged(params[i], group)), live_roots(states[i]), transpose=False).reshape(params[i].shape)
             for i in pre
         ]
         if group["grafting"] == "none":
@@ -455,9 +460,16 @@ def _exponent(group: dict[str, Any], order: int) -> float:
     return 1.0 / (2 * order) if e == "auto" else float(e)
 
 
+def live_roots(state: dict[str, Any]) -> list[Optional[Tensor]]:
+    """The roots in use: computed ones, None for a side without one (yet). A state saved before
+    ``root_set`` existed marks a missing root with None."""
+    roots = state.get("roots") or []
+    computed = state.get("root_set", [r is not None for r in roots])
+    return [r if ok else None for r, ok in zip(roots, computed)]
+
+
 def _preconditioned(group: dict[str, Any], state: dict[str, Any]) -> bool:
-    roots = state.get("roots")
-    return roots is not None and state["step"] >= group["start_preconditioning_step"] and any(r is not None for r in roots)
+    return state["step"] >= group["start_preconditioning_step"] and any(r is not None for r in live_roots(state))
 
 
 def _graft_denominator(group: dict[str, Any], state: dict[str, Any]) -> Optional[Tensor]:
@@ -513,18 +525,18 @@ def shampoo_health(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> d
         last = state["last_refresh"]
         out.update(steps_since_refresh=float(t - last), fallbacks=float(state["fallbacks"]),
                    roots_kept=float(state["roots_kept"]))
-        for side, f, r in zip(side_names(len(factors)), factors, state["roots"]):
+        for side, f, r in zip(side_names(len(factors)), factors, live_roots(state)):
             if f is not None:  # the basis in use: the eigenbasis of the current root
                 out.update(factor_health(side, f, torch.linalg.eigh(r.double())[1] if r is not None else None, eps))
     if _preconditioned(group, state):
         shape = _merged(p, group)
-        roots = [r.double() if r is not None else None for r in state["roots"]]
+        roots = [r.double() if r is not None else None for r in live_roots(state)]
         direction = project(m_hat.reshape(shape), roots, transpose=False).reshape(p.shape)
         ratio = 1.0
         if group["grafting"] != "none":
             ratio = float(torch.linalg.vector_norm(graft) / torch.linalg.vector_norm(direction).clamp_min(_TINY))
         out.update(graft_norm_ratio=ratio, eff_lr=lr * ratio)
-        out.update(quantile_stats("eff_lr", lr * ratio * _root_directions_lr(state["roots"], shape)))
+        out.update(quantile_stats("eff_lr", lr * ratio * _root_directions_lr(live_roots(state), shape)))
         out.update(update_stats(p, lr * ratio * direction))
     else:
         out["eff_lr"] = lr

@@ -145,14 +145,11 @@ def resume_runs(tmp_path_factory):
 # in checkpoint state_dict: optimizer_0.state.model.wte.weight.roots"); with no refresh before the
 # checkpoint (frequency ≥ 5) it resumes exactly. The owner-rank state's keys differ between the
 # saving and the loading optimizer: the distributor's to fix (lightning_optlab/optim/distributed.py).
-_MISSING_KEY = "Missing key in checkpoint state_dict"
 
 
 def _known_resume_failure(optimizer: str, *runs: dict) -> None:
     for run in runs:
         if "error" in run:
-            if optimizer == "shampoo" and _MISSING_KEY in run["error"]:
-                pytest.xfail(f"Shampoo's owner-rank state after a refresh does not resume under FSDP2: {run['error'][:140]}")
             pytest.fail(run["trace"])
 
 
