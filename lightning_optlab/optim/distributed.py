@@ -167,6 +167,9 @@ class Distributor:
                 if not mine:
                     continue
                 whole.grad = grad
+                for attr, value in vars(p).items():  # the pack's tags (Conv1D orientation, fused QKV, μP shapes)
+                    if attr.startswith("optlab_") or attr == "infshape":
+                        setattr(whole, attr, value)
                 if p in opt.state:
                     opt.state[whole] = opt.state.pop(p)
                 stand_ins.append((p, whole))

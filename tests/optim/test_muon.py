@@ -407,3 +407,29 @@ def test_interleaved_qkv_without_a_head_count_warns_naming_the_fix():
     with pytest.warns(UserWarning, match=r"'query_key_value.weight' looks like a per-head interleaved .*optlab_fused_qkv"):
         classify_parameters(model)
     assert not hasattr(model.query_key_value.weight, "optlab_fused_qkv")
+
+
+def test_a_shard_stand_in_keeps_the_parameters_tags():
+    """Under owner ranks a shard's update is computed on a whole-tensor stand-in: it must carry the
+    parameter's tags (here Conv1D orientation and a fused QKV layout, which change Muon's update)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        start = torch.randn(4, 12, dtype=torch.float64)  # a Conv1D c_attn: (in, 3·in), stored transposed
+        w = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        v = torch.nn.Parameter(start.clone())
+        for p in (w, v):
+            p.optlab_in_out, p.optlab_fused_qkv = True, 1
+        a, b = Muon([w], lr=0.05, ns_dtype="float32"), Muon([v], lr=0.05, ns_dtype="float32")
+        for _ in range(2):
+            g = torch.randn(4, 12, dtype=torch.float64)
+            w.grad, v.grad = distribute_tensor(g, mesh, [Shard(0)]), g.clone()
+            a.step()
+            b.step()
+        torch.testing.assert_close(w.full_tensor(), v.detach(), rtol=0, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
