@@ -218,15 +218,29 @@ def optlab_cli_class() -> type:
                           max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
             config["model"]["optimizer"] = opt.clone()
 
+    # a module-level name for pickle (``--trainer.strategy ddp_spawn`` pickles what refers to the
+    # class): ``lightning_optlab.cli.OptlabCLI`` resolves, through the module's ``__getattr__``, to
+    # this same cached class
+    OptlabCLI.__module__ = __name__
+    OptlabCLI.__qualname__ = "OptlabCLI"
     return OptlabCLI
 
 
 def build_cli(args: list[str], **kwargs: Any) -> Any:
-    """``OptlabCLI(args=args, **kwargs)`` from Python, without LightningCLI also reading ``sys.argv``."""
+    """``OptlabCLI(args=args, **kwargs)`` from Python; returns the CLI object.
+
+    While the CLI runs, ``sys.argv`` is ``[the entry point, *args]``: the command line that
+    re-enters the same subcommand with the same (resolved) arguments. Lightning's subprocess
+    launcher (``--trainer.strategy ddp`` with several devices) starts ranks 1..N-1 as
+    ``python <sys.argv[0]> sys.argv[1:]`` (or ``python -m <__main__'s module> sys.argv[1:]``), so
+    every rank parses exactly what rank 0 parsed. ``sys.argv`` is restored afterwards.
+    """
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "optlab"]  # LightningCLI warns when both args and sys.argv are given
+    # LightningCLI parses sys.argv[1:] when args is None: the same list, and no "both args and
+    # sys.argv given" warning
+    sys.argv = [saved[0] if saved and saved[0] else "optlab", *args]
     try:
-        return optlab_cli_class()(args=args, **kwargs)
+        return optlab_cli_class()(args=None, **kwargs)
     finally:
         sys.argv = saved
 
