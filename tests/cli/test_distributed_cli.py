@@ -10,6 +10,7 @@ of the ranks' losses) equals the 1-process loss at the same global batch.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -134,3 +135,36 @@ def test_slurm_environment(tmp_path, shards):
         out, err = p.communicate(timeout=240)
         _check(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     _dumps(tmp_path, 2, environment="SLURMEnvironment")
+
+
+def _sweep_recipe(tmp: Path, shards: Path, strategy: str) -> dict:
+    cfg = yaml.safe_load(_config(tmp, shards, 2).read_text())
+    cfg["trainer"].update(strategy=strategy, devices=2, callbacks=[])
+    cfg["data"]["val_batches"] = 1
+    cfg["sweep"] = {"grid": {"lr": [3.0e-3]}, "runs": [{"label": "adamw", "optimizer": {"name": "adamw"}}],
+                    "checkpoint_every": STEPS}
+    return cfg
+
+
+def test_sweep_point_with_ddp_runs_its_ranks_in_its_own_worker(tmp_path, shards, monkeypatch):
+    """An inline sweep (this process is pytest, not the point) hands a 2-process DDP point to
+    ``python -m lightning_optlab.sweep.point POINT_DIR``, whose command line Lightning re-runs."""
+    from lightning_optlab.sweep import run_sweep
+
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    rows = run_sweep(_sweep_recipe(tmp_path, shards, "ddp"), tmp_path / "sweep", executor="inline")
+    assert [r["status"] for r in rows] == ["done"], rows
+    assert rows[0]["steps"] == STEPS and math.isfinite(rows[0]["final_val_loss"])
+    assert rows[0]["tokens"] == STEPS * GLOBAL_BATCH * 32  # both ranks' tokens: the global batch
+
+
+def test_sweep_point_with_ddp_spawn_is_refused_before_training(tmp_path, shards, capsys):
+    from lightning_optlab.sweep import run_sweep
+
+    rows = run_sweep(_sweep_recipe(tmp_path, shards, "ddp_spawn"), tmp_path / "sweep", executor="inline")
+    assert [r["status"] for r in rows] == ["failed"]
+    error = next((tmp_path / "sweep").glob("*/last_error.txt")).read_text()
+    assert "ddp_spawn" in error.lower() or "spawn" in error
+    assert "use strategy: ddp" in error
+    assert not list((tmp_path / "sweep").glob("*/checkpoints/*.ckpt"))
