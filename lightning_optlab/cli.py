@@ -356,6 +356,10 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
     from .configure import OptimizerSpec, configure
     from .sweep.recipe import SweepSpec, expand_points, point_config
 
+    import torch
+
+    from .memory import memory_per_rank
+
     configs = {"(recipe)": config}
     n_points = 0
     if sweep:
@@ -381,7 +385,9 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
             # hand it a stand-in that has only that, then detach it again
             module._trainer = types.SimpleNamespace(datamodule=dm if data else None)
             try:
-                module.configure_model()
+                # on the meta device: shapes only, so that a 2.7B target is checked in seconds
+                with torch.device("meta"):
+                    module.configure_model()
             finally:
                 module._trainer = None
         assert isinstance(module.spec, OptimizerSpec)
@@ -389,7 +395,35 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
         out["optimizers"][label] = type(opt).__name__
         out.setdefault("params", sum(p.numel() for p in module.parameters()))
         out.setdefault("max_steps", cli.trainer.max_steps)
+        strategy, world = parallel_layout(cfg.get("trainer") or {})
+        out.setdefault("memory", {})[label] = memory_per_rank(module.parameters(), opt, strategy=strategy,
+                                                               world_size=world)
     return out
+
+
+def parallel_layout(trainer: dict[str, Any]) -> tuple[str, int]:
+    """``("ddp" | "fsdp2", world size)`` of a config's ``trainer`` block, for the memory estimate.
+
+    FSDP2 is Lightning's ``ModelParallelStrategy`` (or ``FSDPStrategy``/``"fsdp"``); its world is
+    the data-parallel size when given, else devices × nodes. Anything else replicates (DDP). A
+    device count that is not a number (``"auto"``, ``-1``, a list) counts as given by its length,
+    or 1."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str):
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else 1
+    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    world = devices * int(nodes)
+    strategy = trainer.get("strategy") or "auto"
+    if isinstance(strategy, dict):
+        name = str(strategy.get("class_path", "")).rsplit(".", 1)[-1]
+        init = strategy.get("init_args") or {}
+        if name in ("ModelParallelStrategy", "FSDPStrategy"):
+            dp = init.get("data_parallel_size", "auto")
+            return "fsdp2", dp if isinstance(dp, int) and dp > 0 else world
+        return "ddp", world
+    return ("fsdp2" if str(strategy).startswith("fsdp") else "ddp"), world
 
 
 def _check_main(argv: list[str]) -> int:
@@ -412,6 +446,17 @@ def _check_main(argv: list[str]) -> int:
           f"max_steps {info['max_steps']}, sweep points {info['points']}")
     for label, cls_name in info["optimizers"].items():
         print(f"  {label}: {cls_name}")
+    from .memory import format_memory_table
+
+    print("memory per rank (estimate: weights, gradients and optimizer state in the model's dtype; activations "
+          "not included; FSDP2 shards weights, gradients and element-wise state, and a matrix method's factors "
+          "live on their owner rank, balanced by cost, so about 1/world each):")
+    print(format_memory_table(info["memory"]))
+    sharded = [e for e in info["memory"].values() if e.strategy == "fsdp2" and e.world_size > 1]
+    if sharded:
+        worst = max(sharded, key=lambda e: e.total)
+        print(f"  replicated (DDP) instead, a rank would hold ~{worst.total * worst.world_size / 2**30:.1f} GiB "
+              "of the largest run")
     return 0
 
 
