@@ -168,3 +168,32 @@ def test_sweep_point_with_ddp_spawn_is_refused_before_training(tmp_path, shards,
     assert "ddp_spawn" in error.lower() or "spawn" in error
     assert "use strategy: ddp" in error
     assert not list((tmp_path / "sweep").glob("*/checkpoints/*.ckpt"))
+
+
+def test_check_prints_the_memory_per_rank_of_the_configs_strategy(capsys):
+    from lightning_optlab.cli import main
+
+    assert main(["check", "--config", str(ROOT / "recipes" / "lr_sweep.yaml"), "--scale", "paper", "--no-data"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per rank" in out and "ddp x8" in out and "factors" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("adamw ") and "GiB" in line)
+    gib = [float(x) for x in row.split() if x.replace(".", "").isdigit()]
+    weights, grads, state = gib[:3]
+    assert state == pytest.approx(2 * weights, rel=0.02) and grads == pytest.approx(weights, rel=0.02)
+
+
+def test_the_2_7b_targets_shard_with_model_parallel_strategy():
+    import inspect
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_optlab.cli import parallel_layout
+    from lightning_optlab.sweep import resolve_recipe
+
+    config, _ = resolve_recipe(ROOT / "recipes" / "adamw_lion_sophia_budget.yaml", "paper")
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert set(strategy["init_args"]) <= set(inspect.signature(ModelParallelStrategy).parameters)
+    assert parallel_layout(config["trainer"]) == ("fsdp2", 64)
+    assert parallel_layout({"devices": 8, "strategy": "ddp"}) == ("ddp", 8)
+    assert parallel_layout({"devices": "auto"}) == ("ddp", 1)
