@@ -163,6 +163,7 @@ def optlab_cli_class() -> type:
             so that no checkpoint is written with NaN weights (the guard refuses it) and a diverged run
             ends with an error instead of training on at NaN (as the sweeps do)."""
             trainer = super().instantiate_trainer(**kwargs)
+            self._check_processes(trainer)
             from .callbacks.nonfinite import NonFiniteGuard
             from .callbacks.resume import ResumeCheck, SafeCheckpointIO
 
@@ -181,6 +182,21 @@ def optlab_cli_class() -> type:
                 # before the checkpoint callbacks, as Lightning orders them: the guard checks first
                 trainer.callbacks.insert(first_ckpt, NonFiniteGuard(action="raise", check_state=False))
             return trainer
+
+        def _check_processes(self, trainer: Any) -> None:
+            """Refuse, before training, several devices with a strategy that runs one process
+            (``--trainer.devices 2 --trainer.strategy single_device`` would train on one)."""
+            from lightning.pytorch.strategies import SingleDeviceStrategy
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            _, world = parallel_layout(_plain(config.get("trainer")) or {})
+            if world > 1 and isinstance(trainer.strategy, SingleDeviceStrategy):
+                t = config["trainer"]
+                parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+                parser.error(f"--trainer.devices {t.get('devices')} (x --trainer.num_nodes {t.get('num_nodes', 1)}) "
+                             f"with --trainer.strategy {t.get('strategy')!r} runs one process on one device; use "
+                             "--trainer.strategy ddp (or ddp_spawn, or launch with torchrun/srun) for several "
+                             "processes, or --trainer.devices 1")
 
         def _parse_ckpt_path(self) -> None:
             """Check that ``ckpt_path`` is a readable checkpoint (a damaged or unsafe one is named here,

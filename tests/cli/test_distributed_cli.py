@@ -197,3 +197,13 @@ def test_the_2_7b_targets_shard_with_model_parallel_strategy():
     assert parallel_layout(config["trainer"]) == ("fsdp2", 64)
     assert parallel_layout({"devices": 8, "strategy": "ddp"}) == ("ddp", 8)
     assert parallel_layout({"devices": "auto"}) == ("ddp", 1)
+
+
+def test_several_devices_with_a_one_process_strategy_is_refused_before_training(tmp_path, shards, capsys):
+    from lightning_optlab.cli import main
+
+    code = main(["fit", "--config", str(_config(tmp_path, shards, 2)), "--trainer.strategy", "single_device",
+                 "--trainer.devices", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--trainer.devices 2" in err and "single_device" in err and "--trainer.strategy ddp" in err
+    assert not (tmp_path / "dump").exists()  # nothing trained
