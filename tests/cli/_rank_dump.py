@@ -27,4 +27,4 @@ class RankDump(Callback):
         Path(self.out).mkdir(parents=True, exist_ok=True)
         params = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"losses": self.losses, "world_size": trainer.world_size, "rank": trainer.global_rank,
-                    "environment": type(trainer.strategy.cluster_environment).__name__, "params": params}, Path(self.out) / f"rank{trainer.global_rank}.pt")
+                    "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__, "params": params}, Path(self.out) / f"rank{trainer.global_rank}.pt")
