@@ -531,4 +531,8 @@ def _dispatch(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m lightning_optlab.cli``: run the imported module, not this ``__main__`` copy, so that
+    # the CLI class has one identity (``lightning_optlab.cli.OptlabCLI``, what ddp_spawn pickles)
+    from lightning_optlab.cli import main as _main
+
+    sys.exit(_main())

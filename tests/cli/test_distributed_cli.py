@@ -207,3 +207,17 @@ def test_several_devices_with_a_one_process_strategy_is_refused_before_training(
     err = capsys.readouterr().err
     assert code == 2 and "--trainer.devices 2" in err and "single_device" in err and "--trainer.strategy ddp" in err
     assert not (tmp_path / "dump").exists()  # nothing trained
+
+
+def test_validate_under_ddp_through_the_cli_module(tmp_path, shards):
+    """``python -m lightning_optlab.cli validate``: the other entry point, the other subcommands."""
+    config = _config(tmp_path, shards, 2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["val_batches"] = 2
+    config.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "lightning_optlab.cli", "validate", "--config", str(config),
+                          "--trainer.strategy", "ddp", "--trainer.devices", "2"], capture_output=True, text=True,
+                         env=_env(), cwd=tmp_path, timeout=240)
+    _check(res)
+    log = res.stdout + res.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "val/loss" in log
