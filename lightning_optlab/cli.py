@@ -189,6 +189,8 @@ def optlab_cli_class() -> type:
             from lightning.pytorch.strategies import SingleDeviceStrategy
 
             config = self.config[self.subcommand] if self.subcommand else self.config
+            from .memory import parallel_layout
+
             _, world = parallel_layout(_plain(config.get("trainer")) or {})
             if world > 1 and isinstance(trainer.strategy, SingleDeviceStrategy):
                 t = config["trainer"]
@@ -367,14 +369,12 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
     Returns ``{"params": N, "vocab_size": V, "optimizers": {label: class name}, "points": n}``.
     Raises ``ValueError`` (or jsonargparse's parser error as ``SystemExit``) on a bad config.
     """
+    import torch
     import yaml
 
     from .configure import OptimizerSpec, configure
+    from .memory import memory_per_rank, parallel_layout
     from .sweep.recipe import SweepSpec, expand_points, point_config
-
-    import torch
-
-    from .memory import memory_per_rank
 
     configs = {"(recipe)": config}
     n_points = 0
@@ -415,31 +415,6 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
         out.setdefault("memory", {})[label] = memory_per_rank(module.parameters(), opt, strategy=strategy,
                                                                world_size=world)
     return out
-
-
-def parallel_layout(trainer: dict[str, Any]) -> tuple[str, int]:
-    """``("ddp" | "fsdp2", world size)`` of a config's ``trainer`` block, for the memory estimate.
-
-    FSDP2 is Lightning's ``ModelParallelStrategy`` (or ``FSDPStrategy``/``"fsdp"``); its world is
-    the data-parallel size when given, else devices × nodes. Anything else replicates (DDP). A
-    device count that is not a number (``"auto"``, ``-1``, a list) counts as given by its length,
-    or 1."""
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
-    if isinstance(devices, (list, tuple)):
-        devices = len(devices)
-    elif isinstance(devices, str):
-        devices = int(devices) if devices.strip().lstrip("-").isdigit() else 1
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
-    world = devices * int(nodes)
-    strategy = trainer.get("strategy") or "auto"
-    if isinstance(strategy, dict):
-        name = str(strategy.get("class_path", "")).rsplit(".", 1)[-1]
-        init = strategy.get("init_args") or {}
-        if name in ("ModelParallelStrategy", "FSDPStrategy"):
-            dp = init.get("data_parallel_size", "auto")
-            return "fsdp2", dp if isinstance(dp, int) and dp > 0 else world
-        return "ddp", world
-    return ("fsdp2" if str(strategy).startswith("fsdp") else "ddp"), world
 
 
 def _check_main(argv: list[str]) -> int:

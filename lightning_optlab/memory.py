@@ -39,7 +39,7 @@ import torch
 from .optim.kronecker import factor_mask, work_shape
 
 __all__ = ["state_bytes", "optimizer_state_bytes", "measured_state_bytes", "MemoryEstimate", "memory_per_rank",
-           "format_memory_table"]
+           "format_memory_table", "parallel_layout"]
 
 #: bytes of state per parameter: (shape, group hyperparameters, element size) -> (element-wise bytes, factor bytes)
 Rule = Callable[[Sequence[int], Mapping[str, Any], int], "tuple[int, int]"]
@@ -189,6 +189,31 @@ def memory_per_rank(params: Iterable[torch.Tensor], optimizer: Any, *, strategy:
     return MemoryEstimate(strategy=strategy, world_size=world_size, weights=_ceil(weights, div),
                           gradients=_ceil(grads, div), state=_ceil(st["elementwise"], div),
                           factors=_ceil(st["factors"], div), unknown=tuple(st["unknown"]))
+
+
+def parallel_layout(trainer: dict[str, Any]) -> tuple[str, int]:
+    """``("ddp" | "fsdp2", world size)`` of a config's ``trainer`` block, for the memory estimate.
+
+    FSDP2 is Lightning's ``ModelParallelStrategy`` (or ``FSDPStrategy``/``"fsdp"``); its world is
+    the data-parallel size when given, else devices × nodes. Anything else replicates (DDP). A
+    device count that is not a number (``"auto"``, ``-1``, a list) counts as given by its length,
+    or 1."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str):
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else 1
+    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    world = devices * int(nodes)
+    strategy = trainer.get("strategy") or "auto"
+    if isinstance(strategy, dict):
+        name = str(strategy.get("class_path", "")).rsplit(".", 1)[-1]
+        init = strategy.get("init_args") or {}
+        if name in ("ModelParallelStrategy", "FSDPStrategy"):
+            dp = init.get("data_parallel_size", "auto")
+            return "fsdp2", dp if isinstance(dp, int) and dp > 0 else world
+        return "ddp", world
+    return ("fsdp2" if str(strategy).startswith("fsdp") else "ddp"), world
 
 
 def _ceil(x: int, d: int) -> int:

@@ -187,7 +187,7 @@ def test_the_2_7b_targets_shard_with_model_parallel_strategy():
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_optlab.cli import parallel_layout
+    from lightning_optlab.memory import parallel_layout
     from lightning_optlab.sweep import resolve_recipe
 
     config, _ = resolve_recipe(ROOT / "recipes" / "adamw_lion_sophia_budget.yaml", "paper")
