@@ -163,6 +163,7 @@ def optlab_cli_class() -> type:
             so that no checkpoint is written with NaN weights (the guard refuses it) and a diverged run
             ends with an error instead of training on at NaN (as the sweeps do)."""
             trainer = super().instantiate_trainer(**kwargs)
+            self._check_processes(trainer)
             from .callbacks.nonfinite import NonFiniteGuard
             from .callbacks.resume import ResumeCheck, SafeCheckpointIO
 
@@ -181,6 +182,23 @@ def optlab_cli_class() -> type:
                 # before the checkpoint callbacks, as Lightning orders them: the guard checks first
                 trainer.callbacks.insert(first_ckpt, NonFiniteGuard(action="raise", check_state=False))
             return trainer
+
+        def _check_processes(self, trainer: Any) -> None:
+            """Refuse, before training, several devices with a strategy that runs one process
+            (``--trainer.devices 2 --trainer.strategy single_device`` would train on one)."""
+            from lightning.pytorch.strategies import SingleDeviceStrategy
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            from .memory import parallel_layout
+
+            _, world = parallel_layout(_plain(config.get("trainer")) or {})
+            if world > 1 and isinstance(trainer.strategy, SingleDeviceStrategy):
+                t = config["trainer"]
+                parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+                parser.error(f"--trainer.devices {t.get('devices')} (x --trainer.num_nodes {t.get('num_nodes', 1)}) "
+                             f"with --trainer.strategy {t.get('strategy')!r} runs one process on one device; use "
+                             "--trainer.strategy ddp (or ddp_spawn, or launch with torchrun/srun) for several "
+                             "processes, or --trainer.devices 1")
 
         def _parse_ckpt_path(self) -> None:
             """Check that ``ckpt_path`` is a readable checkpoint (a damaged or unsafe one is named here,
@@ -218,15 +236,29 @@ def optlab_cli_class() -> type:
                           max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
             config["model"]["optimizer"] = opt.clone()
 
+    # a module-level name for pickle (``--trainer.strategy ddp_spawn`` pickles what refers to the
+    # class): ``lightning_optlab.cli.OptlabCLI`` resolves, through the module's ``__getattr__``, to
+    # this same cached class
+    OptlabCLI.__module__ = __name__
+    OptlabCLI.__qualname__ = "OptlabCLI"
     return OptlabCLI
 
 
 def build_cli(args: list[str], **kwargs: Any) -> Any:
-    """``OptlabCLI(args=args, **kwargs)`` from Python, without LightningCLI also reading ``sys.argv``."""
+    """``OptlabCLI(args=args, **kwargs)`` from Python; returns the CLI object.
+
+    While the CLI runs, ``sys.argv`` is ``[the entry point, *args]``: the command line that
+    re-enters the same subcommand with the same (resolved) arguments. Lightning's subprocess
+    launcher (``--trainer.strategy ddp`` with several devices) starts ranks 1..N-1 as
+    ``python <sys.argv[0]> sys.argv[1:]`` (or ``python -m <__main__'s module> sys.argv[1:]``), so
+    every rank parses exactly what rank 0 parsed. ``sys.argv`` is restored afterwards.
+    """
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "optlab"]  # LightningCLI warns when both args and sys.argv are given
+    # LightningCLI parses sys.argv[1:] when args is None: the same list, and no "both args and
+    # sys.argv given" warning
+    sys.argv = [saved[0] if saved and saved[0] else "optlab", *args]
     try:
-        return optlab_cli_class()(args=args, **kwargs)
+        return optlab_cli_class()(args=None, **kwargs)
     finally:
         sys.argv = saved
 
@@ -337,9 +369,11 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
     Returns ``{"params": N, "vocab_size": V, "optimizers": {label: class name}, "points": n}``.
     Raises ``ValueError`` (or jsonargparse's parser error as ``SystemExit``) on a bad config.
     """
+    import torch
     import yaml
 
     from .configure import OptimizerSpec, configure
+    from .memory import memory_per_rank, parallel_layout
     from .sweep.recipe import SweepSpec, expand_points, point_config
 
     configs = {"(recipe)": config}
@@ -367,7 +401,9 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
             # hand it a stand-in that has only that, then detach it again
             module._trainer = types.SimpleNamespace(datamodule=dm if data else None)
             try:
-                module.configure_model()
+                # on the meta device: shapes only, so that a 2.7B target is checked in seconds
+                with torch.device("meta"):
+                    module.configure_model()
             finally:
                 module._trainer = None
         assert isinstance(module.spec, OptimizerSpec)
@@ -375,6 +411,9 @@ def check_config(config: dict[str, Any], *, sweep: dict[str, Any] | None = None,
         out["optimizers"][label] = type(opt).__name__
         out.setdefault("params", sum(p.numel() for p in module.parameters()))
         out.setdefault("max_steps", cli.trainer.max_steps)
+        strategy, world = parallel_layout(cfg.get("trainer") or {})
+        out.setdefault("memory", {})[label] = memory_per_rank(module.parameters(), opt, strategy=strategy,
+                                                               world_size=world)
     return out
 
 
@@ -398,6 +437,17 @@ def _check_main(argv: list[str]) -> int:
           f"max_steps {info['max_steps']}, sweep points {info['points']}")
     for label, cls_name in info["optimizers"].items():
         print(f"  {label}: {cls_name}")
+    from .memory import format_memory_table
+
+    print("memory per rank (estimate: weights, gradients and optimizer state in the model's dtype; activations "
+          "not included; FSDP2 shards weights, gradients and element-wise state, and a matrix method's factors "
+          "live on their owner rank, balanced by cost, so about 1/world each):")
+    print(format_memory_table(info["memory"]))
+    sharded = [e for e in info["memory"].values() if e.strategy == "fsdp2" and e.world_size > 1]
+    if sharded:
+        worst = max(sharded, key=lambda e: e.total)
+        print(f"  replicated (DDP) instead, a rank would hold ~{worst.total * worst.world_size / 2**30:.1f} GiB "
+              "of the largest run")
     return 0
 
 
@@ -456,4 +506,8 @@ def _dispatch(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m lightning_optlab.cli``: run the imported module, not this ``__main__`` copy, so that
+    # the CLI class has one identity (``lightning_optlab.cli.OptlabCLI``, what ddp_spawn pickles)
+    from lightning_optlab.cli import main as _main
+
+    sys.exit(_main())

@@ -159,6 +159,14 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
     cli = build_cli(["--config", str(d / "config.yaml"), "--trainer.enable_checkpointing", "true"], run=False,
                     save_config_callback=None, trainer_defaults={"callbacks": extra})
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    if _launches_by_rerun(trainer, meta["point"]) and not _is_point_worker(d):
+        # Lightning would start ranks 1..N-1 by re-running this process's command line (a sweep or
+        # a test, not this point): run the point in its own worker, whose command line is the point
+        _run_subprocess(d)
+        if not (d / "result.json").exists():
+            raise RuntimeError(f"point {meta['point']} (trainer.strategy ddp, several processes) ended without a "
+                               f"result; see {d / 'run.log'}")
+        return json.loads((d / "result.json").read_text())
     recorder.clock = next(c for c in trainer.callbacks if isinstance(c, WallClock))  # the recipe's, if it has one
     ckpt = d / "checkpoints" / "last.ckpt"
     # weights only and memory-mapped: no code from the file runs, the optimizer state is not read
@@ -199,6 +207,30 @@ def run_point(point_dir: str | Path) -> dict[str, Any]:
         recorder.write(d / "curve.csv")
         _write_json(d / "result.json", result)
     return result
+
+
+def _launches_by_rerun(trainer: Any, point: str) -> bool:
+    """Whether ``trainer`` starts its other ranks by re-running the command line (``strategy: ddp``
+    with several devices outside torchrun/SLURM). ``ddp_spawn`` is refused: its ranks train in
+    spawned children, so the point's curve and result would not reach this process."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    processes = getattr(trainer.strategy, "num_processes", 1) * getattr(trainer.strategy, "num_nodes", 1)
+    if isinstance(launcher, _MultiProcessingLauncher) and processes > 1:
+        raise ValueError(f"point {point}: trainer.strategy {type(trainer.strategy).__name__} with start method "
+                         f"{launcher._start_method!r} trains in spawned processes, so the point's curve and result "
+                         "stay there; use strategy: ddp (each point's ranks are then started as "
+                         "`python -m lightning_optlab.sweep.point POINT_DIR`), or run the point under torchrun/SLURM")
+    return (isinstance(launcher, _SubprocessScriptLauncher) and processes > 1
+            and not trainer.strategy.cluster_environment.creates_processes_externally)
+
+
+def _is_point_worker(point_dir: Path) -> bool:
+    """Whether this process is ``python -m lightning_optlab.sweep.point POINT_DIR`` for this point."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return (getattr(spec, "name", None) == "lightning_optlab.sweep.point" and len(sys.argv) == 2
+            and Path(sys.argv[1]).resolve() == point_dir)
 
 
 def _first_nonfinite_step(curve: list[dict[str, Any]]) -> int | None:
