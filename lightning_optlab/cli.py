@@ -440,8 +440,9 @@ def _check_main(argv: list[str]) -> int:
     from .memory import format_memory_table
 
     print("memory per rank (estimate: weights, gradients and optimizer state in the model's dtype; activations "
-          "not included; FSDP2 shards weights, gradients and element-wise state, and a matrix method's factors "
-          "live on their owner rank, balanced by cost, so about 1/world each):")
+          "not included; FSDP2 shards weights, gradients and element-wise state; the whole-tensor methods (SOAP, "
+          "Shampoo, Muon, Adafactor, Adalayer, Adam-mini) keep each parameter's state and factors on its owner rank, "
+          "under DDP too, balanced by cost, so about 1/world each):")
     print(format_memory_table(info["memory"]))
     sharded = [e for e in info["memory"].values() if e.strategy == "fsdp2" and e.world_size > 1]
     if sharded:
