@@ -275,9 +275,13 @@ class PreconditionerHealth(Callback):
         if trainer.global_step > 0 and not self._recorded(trainer.global_step):
             self._collect(trainer, pl_module)
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # trainer.log_dir is a broadcast under DDP/FSDP: ask on every rank here, never from rank zero alone
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.plot and trainer.is_global_zero:
-            path = self.plot_path or Path(trainer.log_dir or trainer.default_root_dir) / "preconditioner_health.png"
+            path = self.plot_path or self._folder(trainer) / "preconditioner_health.png"
             if self.series["steps"]:
                 plot_effective_lr(self.series, path)
                 self.written_plot = path
@@ -287,6 +291,10 @@ class PreconditionerHealth(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.series = state_dict.get("series", _empty_series())
+
+    def _folder(self, trainer: "pl.Trainer") -> Path:
+        folder = getattr(self, "_log_dir", None)
+        return folder if folder is not None else Path(trainer.log_dir or trainer.default_root_dir)
 
     # --- collection -----------------------------------------------------------------------------
 
@@ -328,7 +336,8 @@ class PreconditionerHealth(Callback):
         if readout is not None:
             metrics.update({f"health/readout_rows/eff_lr_{k}": readout[i] for i, k in enumerate(_Q_KEYS)})
         self._record(step, per_param, roles, readout, pl_module)
-        self.series["title"] = {"optimizer": describe_optimizers(self._optimizer_of, roles), "run": _run_label(trainer)}
+        self.series["title"] = {"optimizer": describe_optimizers(self._optimizer_of, roles),
+                                "run": _run_label(self._folder(trainer))}
         if self.histograms:
             self._add_histograms(trainer, pl_module, names, max(0, step - 1))  # the scalars' index
         metrics["health/compute_seconds"] = time.perf_counter() - start
@@ -501,10 +510,9 @@ def _empty_series() -> dict[str, Any]:
     return {"steps": [], "eff_lr": {}, "meta": {}, "readout_rows": [], "readout_kind": ""}
 
 
-def _run_label(trainer: "pl.Trainer") -> str:
+def _run_label(folder: Path) -> str:
     """The run, as the last three parts of its log folder (``<sweep point>/lightning_logs/version_0``)."""
-    folder = Path(trainer.log_dir or trainer.default_root_dir).resolve()
-    return "/".join(folder.parts[-3:])
+    return "/".join(folder.resolve().parts[-3:])
 
 
 def _param_names(pl_module: "pl.LightningModule") -> dict[int, str]:

@@ -441,7 +441,7 @@ class NonFiniteGuard(Callback):
     def _save_and_stop(self, trainer: "pl.Trainer", step: int) -> None:
         path = _unique(self._checkpoint_dir(trainer) / f"nonfinite-guard-before-step={step}.ckpt")
         path = Path(trainer.strategy.broadcast(str(path)))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizer and callbacks too
         self.saved_checkpoints.append(str(path))
         trainer.should_stop = True
         rank_zero_warn(f"NonFiniteGuard: non-finite values at step {step}; saved the state from before that update "

@@ -301,8 +301,9 @@ def callbacks_check(out: str, ckpt_dir: str) -> None:
             module = CausalLMModule(MODEL, spec("adamw"), fsdp={"init": "full"} if strategy == "fsdp" else None)
             guard = NonFiniteGuard(action=action, check_every_n_steps=1, dirpath=f"{ckpt_dir}/{strategy}-{action}")
             clock = WallClock(log_every_n_steps=2, verbose=False)
-            health = PreconditionerHealth(every_n_steps=2, plot=False)
-            stability = StabilityMonitor(every_n_steps=2)
+            # the plot at fit end asks for the log folder, a broadcast: it must not be asked on rank zero alone
+            health = PreconditionerHealth(every_n_steps=2, plot=action == "skip", per_parameter=True)
+            stability = StabilityMonitor(every_n_steps=2, relative_updates=True)  # measured beside the health one
             logger = MemoryLogger()
             t = _trainer_for(strategy, 6, [Poison(step=2), guard, clock, health, stability], logger)
             t.fit(module, datamodule=Data(n_batches=6))
@@ -312,6 +313,7 @@ def callbacks_check(out: str, ckpt_dir: str) -> None:
                 "saved": _all(guard.saved_checkpoints), "weights": _all(weights),
                 "rank_seconds": _all(clock.rank_seconds),
                 "logged": logger.metrics if rank == 0 else None,
+                "plot": str(health.written_plot) if rank == 0 and health.written_plot else None,
             }
     merged = _merge_over_ranks({f"owned{rank}": {"cond": float(rank)}, "shared": {"x": float(rank)}},
                                {f"owned{rank}": "hidden", "shared": "norm"}, None)

@@ -230,10 +230,6 @@ def test_a_cut_short_distributed_checkpoint_is_reported_damaged(resume_runs, tmp
 
 @pytest.fixture(scope="module")
 def callback_runs(tmp_path_factory):
-    # KNOWN BUG (issue 15 stays open): since issue 18's logging changes (per-role health by default,
-    # StabilityMonitor's automatic relative_updates) were merged beside the multi-rank callbacks, this
-    # 2-rank callbacks run hangs in a collective; each part passed on its own branch.
-    pytest.skip("2-rank callbacks run hangs since the issue-18 logging merge (known bug, issue 15 open)")
     """2 processes, under FSDP2 and under DDP: a NaN put into one rank's gradient (its shard under
     FSDP2) at step 2, with NonFiniteGuard (skip, stop), WallClock and PreconditionerHealth."""
     tmp = tmp_path_factory.mktemp("fsdp_callbacks")
