@@ -23,7 +23,6 @@ __all__ = ["FSDPConfig", "shard_units", "shard_model", "is_sharded", "init_shard
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # attributes the pack hangs on parameters, which fully_shard's new DTensor parameters would lose
-_PARAM_ATTRS = ("infshape", "optlab_role")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -104,8 +103,10 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def param_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{parameter name: {attribute: value}}`` of the pack's attributes on the parameters (μP's ``infshape``)."""
-    return {n: {a: getattr(p, a) for a in _PARAM_ATTRS if hasattr(p, a)} for n, p in model.named_parameters()}
+    """``{parameter name: {attribute: value}}`` of the pack's attributes on the parameters: μP's ``infshape``
+    and every ``optlab_*`` tag (role, ``optlab_in_out`` orientation, ``optlab_fused_qkv`` heads, ...)."""
+    return {n: {a: v for a, v in vars(p).items() if a == "infshape" or a.startswith("optlab_")}
+            for n, p in model.named_parameters()}
 
 
 def reattach_param_attrs(model: nn.Module, attrs: Mapping[str, Mapping[str, Any]]) -> None:

@@ -370,3 +370,21 @@ def test_stability_update_ratios_are_of_the_whole_weights(callback_runs):
     assert "stability/update_ratio_max" in keys
     for key in keys:
         assert fsdp[key] == pytest.approx(ddp[key], rel=1e-5), key
+
+
+def test_param_attrs_keep_every_pack_tag_through_a_parameter_swap():
+    """What ``fully_shard`` drops (it swaps every parameter for a new one) is put back by name:
+    ``infshape`` and every ``optlab_*`` tag, including the orientation and fused-QKV tags Muon reads."""
+    from lightning_optlab.lit.fsdp import param_attrs, reattach_param_attrs
+
+    layer = torch.nn.Linear(4, 12)
+    layer.weight.optlab_in_out, layer.weight.optlab_fused_qkv, layer.weight.infshape = True, 2, "shape"
+    layer.bias.optlab_role = "bias"
+    layer.weight.unrelated = 1
+    saved = param_attrs(layer)
+    assert saved == {"weight": {"optlab_in_out": True, "optlab_fused_qkv": 2, "infshape": "shape"},
+                     "bias": {"optlab_role": "bias"}}
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    reattach_param_attrs(layer, saved)
+    assert layer.weight.optlab_in_out is True and layer.weight.optlab_fused_qkv == 2
+    assert layer.weight.infshape == "shape" and not hasattr(layer.weight, "unrelated")
