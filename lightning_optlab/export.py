@@ -76,17 +76,19 @@ def _llama_state(model: nn.Module, cfg: Any) -> tuple[Any, dict[str, torch.Tenso
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = block.ln_1.weight
         sd[p + "post_attention_layernorm.weight"] = block.ln_2.weight
+        r = cfg.residual_scale  # the branch multiplier (depth rules), folded into the branches' last layers
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             lin = getattr(block.attn, name)
-            scale = q if name == "q_proj" else 1.0
+            scale = q if name == "q_proj" else r if name == "o_proj" else 1.0
             sd[p + f"self_attn.{name}.weight"] = lin.weight * scale
             if lin.bias is not None:
                 sd[p + f"self_attn.{name}.bias"] = lin.bias * scale
         for name in ("gate_proj", "up_proj", "down_proj"):
             lin = getattr(block.mlp, name)
-            sd[p + f"mlp.{name}.weight"] = lin.weight
+            scale = r if name == "down_proj" else 1.0
+            sd[p + f"mlp.{name}.weight"] = lin.weight * scale
             if lin.bias is not None:
-                sd[p + f"mlp.{name}.bias"] = lin.bias
+                sd[p + f"mlp.{name}.bias"] = lin.bias * scale
     readout = _readout(model, cfg)
     if readout is not None:
         sd["lm_head.weight"] = readout
@@ -122,9 +124,10 @@ def _gpt2_state(model: nn.Module, cfg: Any) -> tuple[Any, dict[str, torch.Tensor
         # HF's Conv1D stores weights as (in_features, out_features): ours transposed; Q, K, V fused along out
         sd[p + "attn.c_attn.weight"] = torch.cat([a.q_proj.weight * q, a.k_proj.weight, a.v_proj.weight]).T
         sd[p + "attn.c_attn.bias"] = torch.cat([bias(a.q_proj, d) * q, bias(a.k_proj, d), bias(a.v_proj, d)])
-        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = a.o_proj.weight.T, bias(a.o_proj, d)
+        r = cfg.residual_scale  # the branch multiplier (depth rules), folded into the branches' last layers
+        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = a.o_proj.weight.T * r, bias(a.o_proj, d) * r
         sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = m.up_proj.weight.T, bias(m.up_proj, cfg.hidden_dim)
-        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = m.down_proj.weight.T, bias(m.down_proj, d)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = m.down_proj.weight.T * r, bias(m.down_proj, d) * r
     readout = _readout(model, cfg)
     if readout is not None:
         sd["lm_head.weight"] = readout

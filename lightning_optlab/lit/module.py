@@ -47,7 +47,9 @@ class CausalLMModule(L.LightningModule):
         optimizer: the :class:`OptimizerSpec` (name, lr, betas, schedule, per-role overrides, mix).
         sophia_seed: seed of the label sampling of Sophia-G's estimator (offset by the step).
         mup: μP's base: a base width, the proxy (preset name / config / mapping), or ``{"base": ...}`` as
-            ``optlab mup transfer`` writes it. A preset model is then built by
+            ``optlab mup transfer`` writes it, with optionally ``depth`` (``none``, ``depth_mup``,
+            ``completep``: :mod:`lightning_optlab.mup.depth`) and ``base_depth`` (default the proxy's
+            depth); the depth setting is stored in checkpoints and a resume with another one fails. A preset model is then built by
             :func:`lightning_optlab.mup.build_mup_model` in ``configure_model`` (μP config, base shapes,
             fan-in init) and the optimizer spec gets ``mup=True``. The base shapes are recomputed from
             the config at every start and stored in checkpoints; a resume with other base shapes fails.
@@ -87,11 +89,23 @@ class CausalLMModule(L.LightningModule):
                  fsdp: FSDPConfig | Mapping[str, Any] | bool | None = None) -> None:
         super().__init__()
         self.fsdp = FSDPConfig.coerce(fsdp)
+        depth: dict[str, Any] | None = None
         if isinstance(mup, Mapping) and "base" in mup:
-            extra = sorted(set(mup) - {"base"})
+            extra = sorted(set(mup) - {"base", "depth", "base_depth"})
             if extra:
-                raise ValueError(f"mup takes {{'base': ...}} only, got extra keys {extra}")
+                raise ValueError(f"mup takes {{'base': ..., 'depth': ..., 'base_depth': ...}} only, got extra keys {extra}")
+            from ..mup.depth import check_depth_rule
+
+            rule = check_depth_rule(mup.get("depth"))
+            if rule != "none":
+                depth = {"depth": rule, "base_depth": mup.get("base_depth")}
+                if isinstance(model, nn.Module):
+                    raise ValueError(
+                        f"mup depth={rule!r} is built into the reference models only (their residual-branch multiplier); "
+                        "for your own nn.Module apply the multiplier (base_depth / depth)^α in its residual branches and "
+                        "tag the branch parameters with lightning_optlab.mup.depth.tag_depth(model, rule, base_depth)")
             mup = mup["base"]
+        self.mup_depth = depth
         # a plain attribute, not a submodule: a base nn.Module must not join this module's parameters
         object.__setattr__(self, "mup_base", mup)
         self.tokenizer = tokenizer
@@ -119,7 +133,7 @@ class CausalLMModule(L.LightningModule):
             self._forward_kwargs = {}
             hparams = {"model": model if isinstance(model, (str, Mapping)) else repr(model)}
             if mup is not None:
-                hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup)}
+                hparams["mup"] = {"base": mup if isinstance(mup, (int, str, Mapping)) else repr(mup), **(depth or {})}
             hparams["optimizer"] = spec.to_dict()
             if self.fsdp is not None:
                 hparams["fsdp"] = dataclasses.asdict(self.fsdp)
@@ -206,7 +220,7 @@ class CausalLMModule(L.LightningModule):
             if self.mup_base is not None:
                 from ..mup import build_mup_model
 
-                self.model = build_mup_model(self._model_spec, base=self.mup_base, **overrides)
+                self.model = build_mup_model(self._model_spec, base=self.mup_base, **(self.mup_depth or {}), **overrides)
             else:
                 self.model = build_model(self._model_spec, **overrides)
         self._forward_kwargs = _forward_kwargs(self.model)
@@ -315,6 +329,9 @@ class CausalLMModule(L.LightningModule):
             from ..mup import base_shapes_state
 
             checkpoint["optlab_mup_base_shapes"] = base_shapes_state(self.model)
+            from ..mup.depth import depth_state
+
+            checkpoint["optlab_mup_depth"] = depth_state(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("optlab_tokens_seen", 0))
@@ -338,6 +355,10 @@ class CausalLMModule(L.LightningModule):
             from ..mup import check_base_shapes
 
             check_base_shapes(self.model, saved)
+            if "optlab_mup_depth" in checkpoint:  # older checkpoints predate depth rules (width-only μP)
+                from ..mup.depth import check_depth_state
+
+                check_depth_state(self.model, checkpoint["optlab_mup_depth"])
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:

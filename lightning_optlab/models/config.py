@@ -92,12 +92,18 @@ class TransformerConfig:
     attn_scale: AttnScale = "sqrt"
     #: multiplies the logits (μP's output multiplier, e.g. base_width / width); 1 = plain
     logit_scale: float = 1.0
+    #: multiplies every residual branch's output, ``x + residual_scale · f(x)`` (depth-μP / CompleteP's
+    #: branch multiplier, (base depth / depth)^α); 1 = plain
+    residual_scale: float = 1.0
 
     # --- initialization -------------------------------------------------------------------
     #: std of the normal init of embeddings and linear weights (GPT-2: 0.02)
     init_std: float = 0.02
     #: residual-branch output projections get std init_std / sqrt(2·n_layer) (GPT-2)
     scale_residual_init: bool = True
+    #: the layer count in that init scaling; None: n_layer. A depth rule sets the proxy's depth, so the
+    #: branch multiplier alone carries the depth dependence (the init is the proxy's at every depth)
+    residual_init_layers: int | None = None
     #: zero-initialize the readout (μP; needs untied embeddings)
     zero_readout: bool = False
     #: zero-initialize the query projections (μP)
@@ -125,7 +131,9 @@ class TransformerConfig:
         _check_choice("positions", self.positions, _POSITIONS)
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head size, got n_embd / n_head = {self.head_dim}")
-        for name in ("rope_theta", "norm_eps", "init_std", "logit_scale"):
+        if self.residual_init_layers is not None:
+            _check_int("residual_init_layers", self.residual_init_layers)
+        for name in ("rope_theta", "norm_eps", "init_std", "logit_scale", "residual_scale"):
             _check_positive(name, getattr(self, name))
         if isinstance(self.attn_scale, str):
             _check_choice("attn_scale", self.attn_scale, _ATTN_SCALES)

@@ -139,7 +139,8 @@ class SwiGLUMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + s·attn(norm(x))``, then ``x + s·mlp(norm(x))``, s = ``cfg.residual_scale``
+    (1 in the plain model; depth-μP's / CompleteP's branch multiplier otherwise)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -148,10 +149,15 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.residual_scale = float(cfg.residual_scale)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), rope))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        s = self.residual_scale
+        if s == 1.0:  # the plain model, bit for bit
+            x = x + self.drop(self.attn(self.ln_1(x), rope))
+            return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + s * self.drop(self.attn(self.ln_1(x), rope))
+        return x + s * self.drop(self.mlp(self.ln_2(x)))
 
     def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
         """The two linear layers that write into the residual stream."""

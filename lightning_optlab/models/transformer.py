@@ -60,7 +60,8 @@ class TransformerLM(nn.Module):
         Linear and embedding weights ~ N(0, init_std²), biases 0, norm weights 1 (GPT-2,
         Radford et al. 2019). With ``scale_residual_init`` the projections writing into the
         residual stream (``attn.o_proj``, ``mlp.down_proj``) get std init_std / sqrt(2·n_layer),
-        so the residual stream's variance stays O(1) over the 2·n_layer branches (GPT-2 §2.3).
+        so the residual stream's variance stays O(1) over the 2·n_layer branches (GPT-2 §2.3);
+        ``residual_init_layers``, when set, replaces n_layer there (a depth rule: the proxy's depth).
         μP options (Yang et al. 2022, Tensor Programs V, §D.2): ``zero_readout`` and ``zero_query``
         zero the readout and the query projections; ``fan_in_mults`` (``{parameter name: fan-in
         width multiplier}``, as :func:`lightning_optlab.mup.set_base_shapes` derives it) divides the
@@ -81,10 +82,11 @@ class TransformerLM(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        layers = cfg.n_layer if cfg.residual_init_layers is None else cfg.residual_init_layers
         for block in self.blocks:
             if cfg.scale_residual_init:
                 for proj in block.residual_projections():
-                    nn.init.normal_(proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                    nn.init.normal_(proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * layers))
             if cfg.zero_query:
                 nn.init.zeros_(block.attn.q_proj.weight)
         for name, p in self.named_parameters():

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("proxy", help="proxy recipe YAML (model + tuned optimizer)")
     t.add_argument("--target", required=True, help="target model preset, e.g. llama-2.7b")
     t.add_argument("--out", required=True, help="target recipe YAML to write (base shapes go beside it as .base_shapes.json)")
+    t.add_argument("--depth", default=None, choices=["none", "depth_mup", "completep"],
+                   help="depth rule relative to the proxy's depth (default: the proxy recipe's mup.depth, else none): "
+                        "depth_mup = branches × (L_base/L)^1/2, completep = × L_base/L, with η/ε/λ corrections")
 
     f = sub.add_parser("lr-find", help="LR range test that keeps μP's per-group ratios; prints the base LR")
     f.add_argument("--model", default="llama-tiny")
@@ -124,7 +127,7 @@ def _transfer(args: argparse.Namespace) -> int:
     from ..sweep.recipe import load_yaml
 
     proxy = load_yaml(args.proxy)  # a YAML error names the file and line
-    result = transfer(proxy, args.target)
+    result = transfer(proxy, args.target, depth=args.depth)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# μP transfer of {args.proxy} to {args.target} (optlab mup transfer)\n"
@@ -141,6 +144,10 @@ def _transfer(args: argparse.Namespace) -> int:
         print(f"{name:10s} {role:10s} {lr:12.4g} {wd:13.4g} {n:8d}")
     mu = mup_config(target_cfg, result["base"])
     print(f"attention scale {mu.softmax_scale:.4g} (∝ 1/d_head, {mu.head_dim}); logit multiplier {mu.logit_scale:g}")
+    print(result["depth"]["summary"])
+    if result["depth"]["rule"] != "none":
+        print("depth η multipliers by role: " + ", ".join(f"{r} {'/'.join(f'{m:g}' for m in ms)}"
+                                                          for r, ms in result["depth"]["lr_mults"].items()))
     print("not transferred by μP:")
     for note in result["notes"]:
         print(f"  - {note}")

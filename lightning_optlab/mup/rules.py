@@ -50,6 +50,7 @@ from mup.infshape import InfShape  # noqa: E402
 
 from ..optim.muon import SCALES, muon_scale
 from ..optim.registry import get_optimizer_class
+from .depth import depth_multipliers
 from .shapes import require_base_shapes
 
 __all__ = ["RULES", "mup_family", "mup_multipliers", "apply_mup_to_groups"]
@@ -149,7 +150,8 @@ def apply_mup_to_groups(
             for the keys a group does not set.
         base_lr: the spec's base learning rate (for the ``mup_lr_ratio`` the LR finder reads).
 
-    Each output group carries ``mup_lr_mult`` (its η multiplier) and ``mup_lr_ratio`` (its η over
+    A parameter tagged by a depth rule (``p.optlab_depth``, see :mod:`.depth`) gets the depth
+    correction on top of the width rule. Each output group carries ``mup_lr_mult`` (its η multiplier) and ``mup_lr_ratio`` (its η over
     the spec's base η, which also includes per-role overrides) so an LR finder can move every group
     together; parameters whose multipliers are equal stay in one group.
     """
@@ -161,11 +163,13 @@ def apply_mup_to_groups(
         params = list(group["params"])
         names = list(group.get("param_names", [str(i) for i in range(len(params))]))
         require_base_shapes(zip(names, params))
-        buckets: dict[tuple[float, float, float], list[int]] = {}
+        buckets: dict[tuple[float, float, float, float], list[int]] = {}
         for i, p in enumerate(params):
             mult = mup_multipliers(family, names[i], p.infshape, {**defaults, **group}, group.get("role", ""))
-            buckets.setdefault((mult["lr"], mult["weight_decay"], mult["eps"]), []).append(i)
-        for (lr_m, wd_m, eps_m), idx in buckets.items():
+            depth = depth_multipliers(family, p, names[i])  # 1s without a depth rule (see .depth)
+            key = (*(mult[k] * depth[k] for k in ("lr", "weight_decay", "eps")), depth["lr"])
+            buckets.setdefault(key, []).append(i)
+        for (lr_m, wd_m, eps_m, depth_lr_m), idx in buckets.items():
             new = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             new["params"] = [params[i] for i in idx]
             new["param_names"] = [names[i] for i in idx]
@@ -177,6 +181,8 @@ def apply_mup_to_groups(
                 if isinstance(eps, (int, float)) and eps_m != 1.0:
                     new[key] = eps * eps_m
             new["mup_lr_mult"] = lr_m
+            if depth_lr_m != 1.0 or any(hasattr(params[i], "optlab_depth") for i in idx):
+                new["mup_depth_lr_mult"] = depth_lr_m  # the depth rule's part of mup_lr_mult
             new["mup_lr_ratio"] = new["lr"] / base_lr if base_lr else lr_m
             out.append(new)
     return out

@@ -48,7 +48,8 @@ __all__ = [
 
 #: config fields that μP lets differ between the proxy and the target (width, heads, depth, context)
 WIDTH_FIELDS: frozenset[str] = frozenset(
-    {"n_embd", "n_head", "n_kv_head", "mlp_hidden", "n_layer", "block_size", "attn_scale", "logit_scale"}
+    {"n_embd", "n_head", "n_kv_head", "mlp_hidden", "n_layer", "block_size", "attn_scale", "logit_scale",
+     "residual_scale", "residual_init_layers"}
 )
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -126,7 +127,7 @@ def base_config(config: TransformerConfig, base: int | str | TransformerConfig |
 
 def _plain(config: TransformerConfig) -> TransformerConfig:
     """``config`` with the μP-only fields reset (they do not change shapes)."""
-    return dataclasses.replace(config, attn_scale="sqrt", logit_scale=1.0)
+    return dataclasses.replace(config, attn_scale="sqrt", logit_scale=1.0, residual_scale=1.0, residual_init_layers=None)
 
 
 def mup_config(config: TransformerConfig, base: TransformerConfig) -> TransformerConfig:
@@ -242,30 +243,49 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def build_mup_model(
     model: str | TransformerConfig | Mapping[str, Any], base: int | str | TransformerConfig | Mapping[str, Any],
-    **overrides: Any,
+    *, depth: str | None = None, base_depth: int | None = None, **overrides: Any,
 ) -> TransformerLM:
     """A reference model in μP relative to ``base``: μP config, base shapes and fan-in init.
 
     Args:
         model: the target (preset name, config or mapping, as for ``build_model``).
         base: the base width or the proxy (see :func:`base_config`).
+        depth: the depth rule, ``"none"`` (default: width only), ``"depth_mup"`` (α = 1/2) or
+            ``"completep"`` (α = 1); see :mod:`lightning_optlab.mup.depth`. It sets the residual-branch
+            multiplier, keeps the proxy's residual init, and tags the branch parameters for the
+            per-family depth corrections of η, λ and ε.
+        base_depth: the proxy's number of layers; default the proxy's own ``n_layer`` (required when
+            ``base`` is a width).
         **overrides: config fields of the target (e.g. ``vocab_size``, ``zero_readout=True``).
 
-    At the base width the model is the plain (standard-parametrization) model with the same
-    initial weights under the same seed. Example:
-        >>> model = build_mup_model("llama-2.7b", base="llama-50m", vocab_size=32000)
+    At the base width (and, with a depth rule, the base depth) the model is the plain
+    (standard-parametrization) model with the same initial weights under the same seed. Example:
+        >>> model = build_mup_model("llama-2.7b", base="llama-50m", depth="completep", vocab_size=32000)
     """
+    from .depth import check_depth_rule, depth_config, tag_depth
+
+    rule = check_depth_rule(depth)
     target = resolve_config(model, **overrides)
     if "vocab_size" in overrides and not isinstance(base, int):  # e.g. the datamodule's tokenizer, for both
         base = resolve_config(base, vocab_size=overrides["vocab_size"])
+    if rule != "none" and base_depth is None:
+        if isinstance(base, int):
+            raise ValueError(f"depth={rule!r} with a base width ({base}) needs base_depth, the proxy's number of "
+                             "layers: give base_depth=..., or the proxy itself as base (its n_layer is the base depth)")
+        base_depth = resolve_config(base).n_layer
     base_cfg = base_config(target, base)
-    net = build_model(mup_config(target, base_cfg))  # the same random draws as the SP model
+    cfg = mup_config(target, base_cfg)
+    if rule != "none":
+        cfg = depth_config(cfg, rule, base_depth)
+    net = build_model(cfg)  # the same random draws as the SP model
     set_base_shapes(net, base_cfg)
     with torch.no_grad():  # = init_weights(fan_in_mults=...) from the same draws
         for name, mult in fan_in_mults(net).items():
             if mult != 1.0:
                 dict(net.named_parameters())[name].mul_(mult**-0.5)
     net.optlab_mup_base = base_cfg  # type: ignore[assignment]  # the proxy config, for reports and checkpoints
+    if rule != "none":
+        tag_depth(net, rule, base_depth)
     return net
 
 

@@ -26,17 +26,21 @@ import torch
 from ..models import resolve_config
 from .shapes import base_config, base_shapes_state, build_mup_model
 
-__all__ = ["find_model_and_optimizer", "transfer", "NOT_TRANSFERRED"]
+__all__ = ["find_model_and_optimizer", "transfer", "NOT_TRANSFERRED", "DEPTH_NOT_TRANSFERRED"]
 
 #: what μP does not carry from the proxy to the target (printed with every transfer)
 NOT_TRANSFERRED = (
     "batch size and the number of steps/tokens (μP transfers across width, not across data or batch scale; "
     "re-tune or scale them by a scaling law)",
     "warmup length and schedule shape are copied as given, not derived",
-    "depth: a target deeper than the proxy is outside μP's guarantee (depth-μP needs residual-branch scaling, "
-    "Yang et al. 2023 / Bordelon et al. 2023, not applied here)",
     "context length and vocabulary must match the tuned setting for the numbers to carry over",
 )
+
+
+#: printed instead of the depth rule's line when the transfer applies none
+DEPTH_NOT_TRANSFERRED = (
+    "depth: without a depth rule μP transfers across width only; a target deeper than the proxy is outside its "
+    "guarantee (fix: --depth completep, or mup: {depth: completep} in the proxy recipe; see docs/mup.md)")
 
 
 def find_model_and_optimizer(recipe: Mapping[str, Any]) -> tuple[Any, Any, list[str]]:
@@ -70,8 +74,24 @@ def _optimizer_fields(opt: Any) -> dict[str, Any]:
     return dict(opt)
 
 
+def recipe_depth_rule(recipe: Mapping[str, Any]) -> str:
+    """The depth rule a recipe's module arguments ask for (``mup: {depth: ...}``), "none" if none."""
+    from .depth import check_depth_rule
+
+    try:
+        _, _, path = find_model_and_optimizer(recipe)
+    except ValueError:
+        return "none"
+    holder: Any = recipe
+    for key in path:
+        holder = holder.get(key, {}) if isinstance(holder, Mapping) else {}
+    mup = holder.get("mup") if isinstance(holder, Mapping) else None
+    return check_depth_rule(mup.get("depth")) if isinstance(mup, Mapping) else "none"
+
+
 def transfer(
     proxy_recipe: Mapping[str, Any], target: str | Mapping[str, Any], *, target_overrides: Mapping[str, Any] | None = None,
+    depth: str | None = None,
 ) -> dict[str, Any]:
     """Write the target recipe from a tuned proxy recipe.
 
@@ -79,6 +99,8 @@ def transfer(
         proxy_recipe: the recipe the hyperparameters were tuned with (see the module doc).
         target: the target model (preset name or mapping), e.g. ``"llama-2.7b"``.
         target_overrides: target config fields (e.g. the proxy's ``vocab_size``).
+        depth: the depth rule (``none``, ``depth_mup``, ``completep``; :mod:`.depth`), relative to the
+            proxy's depth; default: the one the proxy recipe's ``mup: {depth: ...}`` asks for, else none.
 
     Returns:
         ``{"recipe": target recipe, "base_shapes": {name: base shape}, "width_mults": {role: [multipliers]},
@@ -103,20 +125,32 @@ def transfer(
     for key in ("schedule", "warmup_steps", "total_steps", "min_lr_ratio", "decay_fraction"):
         opt_fields.pop(key, None)  # the schedule does not change the per-group peak values printed here
     spec = OptimizerSpec(**opt_fields)
+    from .depth import branch_multiplier, check_depth_rule, describe
+
+    rule = check_depth_rule(depth if depth is not None else recipe_depth_rule(proxy_recipe))
     with torch.device("meta"):
-        model = build_mup_model(target_cfg, base=proxy_cfg)
+        model = build_mup_model(target_cfg, base=proxy_cfg, depth=rule, base_depth=proxy_cfg.n_layer)
     plan = plan_param_groups(model, spec)
     role_lrs = []
     width_mults: dict[str, set[float]] = defaultdict(set)
+    depth_mults: dict[str, set[float]] = defaultdict(set)  # the depth rule's η factor per role
     for _, name, groups, _ in plan:
         for g in groups:
             role_lrs.append((name, g["role"], float(g["lr"]), float(g["weight_decay"]), len(g["params"])))
+            depth_mults[g["role"]].add(round(float(g.get("mup_depth_lr_mult", 1.0)), 6))
             for p in g["params"]:
                 width_mults[g["role"]].add(round(float(p.infshape.width_mult()), 6))
     notes = list(NOT_TRANSFERRED)
-    if target_cfg.n_layer != proxy_cfg.n_layer:
-        notes.insert(0, f"depth changes {proxy_cfg.n_layer} → {target_cfg.n_layer} layers: the learning rates are "
-                        "transferred across width only")
+    if rule == "none":
+        notes.insert(0, DEPTH_NOT_TRANSFERRED)
+        if target_cfg.n_layer > proxy_cfg.n_layer:
+            notes.insert(0, f"WARNING: the target is deeper than the proxy ({proxy_cfg.n_layer} → {target_cfg.n_layer} "
+                            "layers) and no depth rule is applied: the learning rates are transferred across width "
+                            "only. Fix: --depth completep (or depth_mup)")
+    depth_info = {"rule": rule, "base_depth": proxy_cfg.n_layer, "depth": target_cfg.n_layer,
+                  "branch_multiplier": branch_multiplier(rule, target_cfg.n_layer, proxy_cfg.n_layer),
+                  "summary": describe(rule, target_cfg.n_layer, proxy_cfg.n_layer),
+                  "lr_mults": {r: sorted(v) for r, v in depth_mults.items()}}
     if isinstance(target, str):
         target_spec: Any = {"preset": target, **overrides}
     elif isinstance(target, Mapping):
@@ -139,12 +173,15 @@ def transfer(
             holder = recipe["model"]
     holder["model"] = target_spec
     holder["mup"] = {"base": _config_mapping(proxy_cfg)}
+    if rule != "none":
+        holder["mup"].update(depth=rule, base_depth=proxy_cfg.n_layer)
     return {
         "recipe": recipe,
         "base_shapes": base_shapes_state(model),
         "width_mults": {r: sorted(v) for r, v in width_mults.items()},
         "role_lrs": role_lrs,
         "notes": notes,
+        "depth": depth_info,
         "proxy": proxy_cfg,
         "target": target_cfg,
         "base": base,

@@ -31,7 +31,8 @@ def test_transfer_keeps_the_numbers_and_prints_the_per_role_rates(tmp_path, caps
     assert "scales" not in recipe and recipe["trainer"] == PROXY["trainer"]
     lrs = {(role, round(lr, 10)) for _, role, lr, _, _ in result["role_lrs"]}
     assert ("hidden", 1e-3) in lrs and ("readout", 4e-3) in lrs and ("embedding", 4e-3) in lrs  # η/4 on 4x-wide matrices
-    assert any("depth changes 2 → 4" in n for n in result["notes"]) and any("batch size" in n for n in result["notes"])
+    assert any("deeper than the proxy (2 → 4 layers)" in n and "--depth completep" in n for n in result["notes"])
+    assert any("batch size" in n for n in result["notes"]) and result["depth"]["rule"] == "none"
     # the stored base shapes are what a model built from the written recipe recomputes
     rebuilt = build_mup_model(recipe["model"]["model"], base=recipe["model"]["mup"]["base"])
     assert result["base_shapes"] == {n: list(p.infshape.base_shape()) for n, p in rebuilt.named_parameters()}
