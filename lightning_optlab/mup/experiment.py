@@ -44,14 +44,23 @@ def fixed_batches(n: int, batch_size: int, seq_len: int, seed: int, offset: int 
     return out
 
 
-def width_model(model: Any, width: int, *, mup: bool, base_width: int, seed: int, **overrides: Any) -> TransformerLM:
-    """``model`` (preset/config/mapping) at ``width`` (head count kept), in μP relative to ``base_width`` or SP."""
+def width_model(
+    model: Any, width: int, *, mup: bool, base_width: int, seed: int, depth: int | None = None,
+    base_depth: int | None = None, depth_rule: str = "none", **overrides: Any,
+) -> TransformerLM:
+    """``model`` (preset/config/mapping) at ``width`` (head count kept) and ``depth`` layers (default the
+    preset's), in μP relative to ``base_width`` (and, with a ``depth_rule``, to ``base_depth`` layers) or SP."""
     cfg = resolve_config(model, **overrides)
     if width % cfg.n_head:
         raise ValueError(f"width {width} is not divisible by n_head ({cfg.n_head}); pick widths that are")
-    cfg = dataclasses.replace(cfg, n_embd=width)
+    cfg = dataclasses.replace(cfg, n_embd=width, n_layer=cfg.n_layer if depth is None else depth)
+    if depth_rule != "none" and not mup:
+        raise ValueError(f"depth_rule={depth_rule!r} is a μP option: use it with mup=True")
     torch.manual_seed(seed)
-    return build_mup_model(cfg, base=base_width) if mup else build_model(cfg)
+    if not mup:
+        return build_model(cfg)
+    return build_mup_model(cfg, base=base_width, depth=depth_rule,
+                           base_depth=(base_depth or cfg.n_layer) if depth_rule != "none" else None)
 
 
 def train_run(
