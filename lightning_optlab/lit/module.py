@@ -99,6 +99,9 @@ class CausalLMModule(L.LightningModule):
             rule = check_depth_rule(mup.get("depth"))
             if rule != "none":
                 depth = {"depth": rule, "base_depth": mup.get("base_depth")}
+                if depth["base_depth"] is None and isinstance(mup["base"], int) and not isinstance(mup["base"], bool):
+                    raise ValueError(f"mup depth={rule!r} with a base width ({mup['base']}) needs base_depth, the "
+                                     "proxy's number of layers: mup: {base: ..., depth: ..., base_depth: 6}")
                 if isinstance(model, nn.Module):
                     raise ValueError(
                         f"mup depth={rule!r} is built into the reference models only (their residual-branch multiplier); "
