@@ -14,7 +14,13 @@ seeds, and reports per width the best-of-grid held-out loss (mean ± seed std) a
 * ``attn_sqrt``: attention scale 1/sqrt(d_head) at every width instead of μP's 1/d (at d_head 8
   in the base and 64 at width 256 μP's scale is 2.8x smaller than SP's);
 * ``vector_lr=F``: embedding, norm, readout and bias learning rates F times the hidden base rate;
-* ``steps=N``: the training length.
+* ``steps=N``: the training length;
+* ``output_mult=X``: TP5's output multiplier (the logits × X on top of μP's base_width / width),
+  tuned on the proxy;
+* ``random_readout``: the readout initialized N(0, init_std²) instead of zero (TP5 §D.2 advises zero);
+* ``eps=X``: AdamW's ε at the base (μP divides it by m_in on the hidden matrices; 1e-12 makes it
+  negligible at every width, which tests whether the ε rule matters);
+* several joined by ``+`` (``attn_sqrt+init_std=0.1``): a combination.
 
 The held-out set is 32 × 16 windows of 64 bytes (8x the lr-transfer recipe's), fixed per seed.
 
@@ -41,14 +47,27 @@ from lightning_optlab.mup.experiment import eval_loss, fixed_batches, train_run,
 VECTOR_ROLES = ("embedding", "norm", "readout", "bias")
 
 
+_FLAGS = ("default", "attn_sqrt", "random_readout")
+_VALUES = ("init_std", "vector_lr", "steps", "output_mult", "eps")
+
+
 def parse_candidate(text: str) -> dict:
-    """``default``, ``attn_sqrt``, ``init_std=0.1``, ``vector_lr=0.25`` or ``steps=600``."""
-    if text in ("default", "attn_sqrt"):
-        return {"name": text}
-    key, sep, value = text.partition("=")
-    if not sep or key not in ("init_std", "vector_lr", "steps"):
-        raise ValueError(f"unknown candidate {text!r}; use default, attn_sqrt, init_std=X, vector_lr=F or steps=N")
-    return {"name": text, key: int(value) if key == "steps" else float(value)}
+    """``default``, ``attn_sqrt``, ``random_readout``, ``init_std=0.1``, ``vector_lr=0.25``, ``steps=600``,
+    ``output_mult=4``, ``eps=1e-12``, or several joined by ``+`` (``attn_sqrt+init_std=0.1``)."""
+    out: dict = {"name": text}
+    for part in text.split("+"):
+        if part in _FLAGS:
+            out[part] = True
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or key not in _VALUES:
+            raise ValueError(f"unknown candidate {part!r} in {text!r}; use {', '.join(_FLAGS)}, "
+                             f"{', '.join(k + '=X' for k in _VALUES)}, or several joined by '+'")
+        try:
+            out[key] = int(value) if key == "steps" else float(value)
+        except ValueError:
+            raise ValueError(f"candidate {part!r}: {value!r} is not a number") from None
+    return out
 
 
 def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int, args: argparse.Namespace) -> float:
@@ -59,14 +78,19 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
     model_over = {"zero_readout": True, "qk_layernorm": True, "z_loss": 1e-4}
     if mup and "init_std" in cand:
         model_over["init_std"] = cand["init_std"]
+    if mup and cand.get("random_readout"):
+        model_over["zero_readout"] = False
+    if mup and "output_mult" in cand:  # TP5's output multiplier, tuned on the proxy: × the base's logit scale
+        model_over["logit_scale"] = cand["output_mult"]
     model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
-    if mup and cand["name"] == "attn_sqrt":
+    if mup and cand.get("attn_sqrt"):
         for mod in model.modules():
             if hasattr(mod, "scale") and "Attention" in type(mod).__name__:
                 mod.scale = model.config.head_dim ** -0.5
     lr = 2.0 ** log2_lr
     overrides = {r: {"lr": lr * cand["vector_lr"]} for r in VECTOR_ROLES} if mup and "vector_lr" in cand else {}
-    spec = OptimizerSpec(name="adamw", lr=lr, mup=mup, weight_decay=0.0, betas=(0.9, 0.95), schedule="cosine",
+    eps = {"eps": cand["eps"]} if mup and "eps" in cand else {}
+    spec = OptimizerSpec(name="adamw", lr=lr, mup=mup, weight_decay=0.0, betas=(0.9, 0.95), schedule="cosine", **eps,
                          warmup_steps=int(0.1 * steps), total_steps=steps, min_lr_ratio=0.1, overrides=overrides)
     losses = train_run(model, lambda m: configure(m, spec), train, steps)
     ok = len(losses) == steps and all(math.isfinite(v) for v in losses)

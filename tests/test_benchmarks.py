@@ -107,6 +107,7 @@ def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path
     out = tmp_path / "q.json"
     try:
         assert bench.main(["--candidates", "default", "attn_sqrt", "init_std=0.1", "vector_lr=0.25", "steps=3",
+                           "output_mult=4", "random_readout", "eps=1e-12", "attn_sqrt+init_std=0.1",
                            "--widths", "16", "32", "--mup-log2-lrs", "-5", "-4", "--sp-log2-lrs", "-6",
                            "--seeds", "0", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
                            "--json", str(out)]) == 0
@@ -115,15 +116,23 @@ def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path
     import json
 
     table = json.loads(out.read_text())["table"]
-    assert set(table) == {"default", "attn_sqrt", "init_std=0.1", "vector_lr=0.25", "steps=3"}
+    assert set(table) == {"default", "attn_sqrt", "init_std=0.1", "vector_lr=0.25", "steps=3", "output_mult=4",
+                          "random_readout", "eps=1e-12", "attn_sqrt+init_std=0.1"}
     d = table["default"]
     assert d["mup_minus_sp"]["0"] == pytest.approx(d["wide"]["0"] - d["sp_wide"]["0"])
     # the base width is where μP equals SP: the attention-scale candidate changes nothing there
     assert table["attn_sqrt"]["base"]["0"] == pytest.approx(d["base"]["0"])
     assert table["attn_sqrt"]["wide"]["0"] != pytest.approx(d["wide"]["0"])
     assert table["steps=3"]["sp_wide"]["0"] != pytest.approx(d["sp_wide"]["0"])  # SP rerun at that length
+    # at the base width μP is SP: a changed output multiplier or readout init shows there already
+    assert table["output_mult=4"]["base"]["0"] != pytest.approx(d["base"]["0"])
+    assert table["random_readout"]["base"]["0"] != pytest.approx(d["base"]["0"])
+    assert bench.parse_candidate("attn_sqrt+init_std=0.1") == {"name": "attn_sqrt+init_std=0.1", "attn_sqrt": True,
+                                                               "init_std": 0.1}
     with pytest.raises(ValueError, match="unknown candidate"):
         bench.parse_candidate("init=0.1")
+    with pytest.raises(ValueError, match="not a number"):
+        bench.parse_candidate("eps=tiny")
 
 
 def test_distributed_step_benchmark_measures_both_modes_and_the_state_per_rank(tmp_path, capsys):
