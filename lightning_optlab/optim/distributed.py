@@ -6,12 +6,13 @@ iteration or row/column statistics see the whole matrix. Under several ranks eve
 gets one **owner rank**, chosen by the cost of its preconditioner work (a greedy longest-first
 assignment, the scheme of Distributed Shampoo's distributor, Shi et al. 2023). At each step
 
-1. the owner gets the whole gradient and the whole weight (FSDP2: the shards are all-gathered;
-   DDP: every rank holds both already);
+1. the owner gets the whole gradient and the whole weight (FSDP2: the shards are gathered to the
+   owner, weights and gradients in one buffer per owner and dtype; DDP: every rank holds both already);
 2. only the owner runs the optimizer's own update on them, and only the owner keeps the
    parameter's state (factors, bases, moments);
-3. the new weight goes back from the owner: one broadcast per (owner, dtype, device) bucket, after
-   which each rank keeps its shard (FSDP2) or the whole tensor (DDP).
+3. the new weight goes back from the owner: FSDP2 row shards by one scatter per (owner, dtype,
+   device) bucket, each rank receiving only its rows; replicated parameters (DDP) by one broadcast
+   per bucket, each rank keeping the whole tensor.
 
 The optimizer's update code is not changed for this: :class:`Distributor` hands it param groups
 holding the owned parameters only (whole tensors standing in for the shards), with their state
@@ -157,8 +158,11 @@ class Distributor:
         work: list[list[Tensor]] = [[] for _ in opt.param_groups]
         t0 = time.perf_counter()
         sharded = [p for _, _, p in active if is_sharded(p)]
-        wholes = dict(zip(map(id, sharded), self._gather([p.detach() for p in sharded])))
-        whole_grads = dict(zip(map(id, sharded), self._gather([p.grad for p in sharded])))
+        # weights and gradients together, to their owners only (same-dtype ones share a buffer)
+        gathered = self._gather([p.detach() for p in sharded] + [p.grad for p in sharded],
+                                [owners[id(p)] for p in sharded] * 2)
+        wholes = dict(zip(map(id, sharded), gathered[: len(sharded)]))
+        whole_grads = dict(zip(map(id, sharded), gathered[len(sharded):]))
         comm = time.perf_counter() - t0
         for gi, j, p in active:
             mine = owners[id(p)] == self.rank
@@ -166,6 +170,7 @@ class Distributor:
                 grad, whole = whole_grads.pop(id(p)), wholes.pop(id(p))
                 if not mine:
                     continue
+                assert whole is not None and grad is not None  # gathered on this rank, the owner
                 whole.grad = grad
                 for attr, value in vars(p).items():  # the pack's tags (Conv1D orientation, fused QKV, μP shapes)
                     if attr.startswith("optlab_") or attr == "infshape":
@@ -198,19 +203,21 @@ class Distributor:
         self._return(active, owners, dict((id(p), w) for p, w in stand_ins))
         self.last_comm_seconds = comm + time.perf_counter() - t0
 
-    def _gather(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The whole tensors of DTensor shards, on every rank. FSDP2's layout (rows split over all
-        ranks, ``Shard(0)`` on a one-dimensional mesh of the world) goes in one all-gather per dtype
-        and device; any other layout through ``full_tensor()``, one collective per tensor."""
+    def _gather(self, tensors: list[Tensor], owners: list[int]) -> list[Optional[Tensor]]:
+        """The whole tensors of DTensor shards, on their owner ranks (None elsewhere). FSDP2's layout
+        (rows split over all ranks, ``Shard(0)`` on a one-dimensional mesh of the world) goes in one
+        gather to the owner per (owner, dtype, device); any other layout through ``full_tensor()``,
+        one collective per tensor, kept on the owner only."""
         out: list[Optional[Tensor]] = [None] * len(tensors)
-        buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, t in enumerate(tensors):
+        buckets: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+        for i, (t, owner) in enumerate(zip(tensors, owners)):
             if self._rows_over_world(t):
                 local = t.to_local()
-                buckets.setdefault((local.dtype, local.device), []).append(i)
+                buckets.setdefault((owner, local.dtype, local.device), []).append(i)
             else:
-                out[i] = t.full_tensor()
-        for (dtype, device), idx in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+                full = t.full_tensor()
+                out[i] = full if owner == self.rank else None
+        for (owner, dtype, device), idx in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             # rank r holds rows [r·c, (r+1)·c) of a tensor with n rows, c = ceil(n / world) (torch.chunk)
             rows = [[self._rows_of(tensors[i].shape[0], r) for i in idx] for r in range(self.world)]
             inner = [math.prod(tensors[i].shape[1:]) for i in idx]
@@ -218,13 +225,16 @@ class Distributor:
             flat = torch.cat([tensors[i].to_local().reshape(-1) for i in idx])
             padded = torch.zeros(max(sizes), dtype=dtype, device=device)
             padded[: flat.numel()] = flat
-            parts = [torch.empty_like(padded) for _ in range(self.world)]
-            dist.all_gather(parts, padded)
+            mine = owner == self.rank
+            parts = [torch.empty_like(padded) for _ in range(self.world)] if mine else None
+            dist.gather(padded, parts, dst=owner)
+            if not mine:
+                continue
             pieces = [part[:size].split([n * k for n, k in zip(rr, inner)]) for part, size, rr in zip(parts, sizes, rows)]
             for k, i in enumerate(idx):
                 shape = tuple(tensors[i].shape)
                 out[i] = torch.cat([pieces[r][k].view(rows[r][k], *shape[1:]) for r in range(self.world)])
-        return out  # type: ignore[return-value]
+        return out
 
     def _rows_over_world(self, t: Tensor) -> bool:
         mesh, placements = getattr(t, "device_mesh", None), getattr(t, "placements", ())
@@ -237,13 +247,39 @@ class Distributor:
         return max(0, min(c, n - rank * c))
 
     def _return(self, active: list[tuple[int, int, Tensor]], owners: dict[int, int], stand_ins: dict[int, Tensor]) -> None:
-        """Broadcast each owner's new weights (one flat buffer per owner, dtype and device); each rank
-        keeps its shard of a sharded parameter and the whole of a replicated one."""
-        buckets: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
+        """Send each owner's new weights back. FSDP2 row shards: one scatter per (owner, dtype,
+        device), each rank receiving only its rows; replicated parameters (DDP) and other shard
+        layouts: one broadcast per bucket, each rank keeping its shard or the whole tensor."""
+        rows_buckets: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
+        whole_buckets: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
         for _, _, p in active:
             local = p.to_local() if is_sharded(p) else p
-            buckets.setdefault((owners[id(p)], p.dtype, local.device), []).append(p)
-        for (owner, dtype, device), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
+            target = rows_buckets if is_sharded(p) and self._rows_over_world(p) else whole_buckets
+            target.setdefault((owners[id(p)], p.dtype, local.device), []).append(p)
+        order = lambda kv: (kv[0][0], str(kv[0][1]))  # noqa: E731  (one device per rank)
+        for (owner, dtype, device), params in sorted(rows_buckets.items(), key=order):
+            rows = [[self._rows_of(p.shape[0], r) for p in params] for r in range(self.world)]
+            inner = [math.prod(p.shape[1:]) for p in params]
+            sizes = [sum(n * k for n, k in zip(rr, inner)) for rr in rows]
+            recv = torch.empty(max(sizes), dtype=dtype, device=device)
+            sends = None
+            if owner == self.rank:
+                sends = []
+                for r in range(self.world):
+                    out = torch.zeros(max(sizes), dtype=dtype, device=device)
+                    chunks = []
+                    for p, n in zip(params, rows[r]):
+                        start = r * -(-p.shape[0] // self.world)
+                        chunks.append(stand_ins[id(p)].detach()[start:start + n].reshape(-1))
+                    if chunks:
+                        flat = torch.cat(chunks)
+                        out[: flat.numel()] = flat
+                    sends.append(out)
+            dist.scatter(recv, sends, src=owner)
+            mine = rows[self.rank]
+            for p, piece, n in zip(params, recv[: sizes[self.rank]].split([n * k for n, k in zip(mine, inner)]), mine):
+                p.to_local().copy_(piece.view(n, *p.shape[1:]))
+        for (owner, dtype, device), params in sorted(whole_buckets.items(), key=order):
             numels = [p.numel() for p in params]
             if owner == self.rank:
                 flat = torch.cat([stand_ins.get(id(p), p).detach().reshape(-1) for p in params])
@@ -252,10 +288,7 @@ class Distributor:
             dist.broadcast(flat, src=owner)
             for p, piece in zip(params, flat.split(numels)):
                 whole = piece.view(p.shape)
-                if is_sharded(p) and self._rows_over_world(p):  # this rank's rows, copied into its shard
-                    start = self.rank * -(-p.shape[0] // self.world)
-                    p.to_local().copy_(whole[start:start + self._rows_of(p.shape[0], self.rank)])
-                elif is_sharded(p):
+                if is_sharded(p):
                     from torch.distributed.tensor import distribute_tensor
 
                     p.detach().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
