@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optlab mup", description="μP: coordinate check, proxy→target transfer, LR finder, LR-transfer experiment")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("coord-check", help="activation size vs width for μP and SP after a few steps; writes a PNG")
+    c = sub.add_parser("coord-check", help="activation size vs width for μP and SP after a few steps (with --depths: "
+                       "activation and update sizes vs depth per depth rule); writes a PNG")
     c.add_argument("--model", default="llama-tiny", help="model preset (default llama-tiny); its width is varied")
     c.add_argument("--optimizer", default="adamw")
     c.add_argument("--lr", type=float, default=1e-2, help="base learning rate (default 1e-2)")
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mix", default="[]", help='per-role mix parts as JSON, e.g. for muon: '
                    '\'[{"optimizer": "adamw", "roles": ["embedding", "readout", "norm", "bias"]}]\'')
     c.add_argument("--no-zero-readout", action="store_true", help="keep the random readout init (default: zero, TP5's advice)")
+    c.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="check over depth: one --widths value and several depths (e.g. 2 4 8 16), or as many widths "
+                        "as depths (scaled together); every model is μP from the base width, once per --depth-rules")
+    c.add_argument("--base-depth", type=int, default=None, help="the depth rules' base depth (default: the smallest depth)")
+    c.add_argument("--depth-rules", nargs="+", default=["none", "depth_mup", "completep"],
+                   choices=["none", "depth_mup", "completep"], help="rules compared over depth (default: all three)")
     c.add_argument("--out", default="mup_coord_check.png")
 
     t = sub.add_parser("transfer", help="write the target recipe from a tuned proxy recipe, print the multipliers")
@@ -101,6 +108,8 @@ def _coord_check(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, hparams=hparams,
                               mix=json.loads(args.mix),
                               zero_readout=not args.no_zero_readout)
+    if args.depths:
+        return _coord_check_depth(args, kw)
     groups = {"μP": coord_check(args.model, args.optimizer, mup=True, **kw),
               "SP": coord_check(args.model, args.optimizer, mup=False, **kw)}
     out = Path(args.out)
@@ -116,6 +125,40 @@ def _coord_check(args: argparse.Namespace) -> int:
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "ratios": summary}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _coord_check_depth(args: argparse.Namespace, kw: dict[str, Any]) -> int:
+    from .coord import coord_points, depth_profile, depth_ratios, plot_coord_depth
+
+    points = coord_points(args.widths, args.depths)
+    base_depth = args.base_depth or min(args.depths)
+    groups = {rule: coord_check_rule(args, kw, rule, base_depth) for rule in args.depth_rules}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    where = f"width {points[0][0]}" if len({w for w, _ in points}) == 1 else "width and depth together"
+    plot_coord_depth(groups, str(out), title=f"{args.model}, {args.optimizer}, lr {args.lr:g}, {where}, base depth "
+                                             f"{base_depth}: coordinate check over depth")
+    summary: dict[str, Any] = {}
+    (lo_w, lo_d), (hi_w, hi_d) = points[0], points[-1]
+    for rule, recs in groups.items():
+        ratios = depth_ratios(recs, args.steps)
+        summary[rule] = {"delta_rms": ratios, "rms": depth_ratios(recs, args.steps, "rms"),
+                         "profile": {k: {str(d): v for d, v in by.items()}
+                                     for k, by in depth_profile(recs, args.steps).items()}}
+        print(f"{rule:9s}: change since init, L={hi_d} (w={hi_w}) / L={lo_d} (w={lo_w}) after {args.steps} steps: "
+              + ", ".join(f"{k} {r:.2f}" for k, r in ratios.items()))
+    print("flat (≈1) under a rule that transfers; 'stream' is the residual stream the readout sees, attn/mlp the "
+          "branches before their multiplier (per layer)")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "points": points, "ratios": summary}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def coord_check_rule(args: argparse.Namespace, kw: dict[str, Any], rule: str, base_depth: int) -> list[dict[str, Any]]:
+    from .coord import coord_check
+
+    return coord_check(args.model, args.optimizer, mup=True, depths=args.depths, base_depth=base_depth,
+                       depth_rule=rule, **kw)
 
 
 def _transfer(args: argparse.Namespace) -> int:
