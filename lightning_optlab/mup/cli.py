@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and one thread each")
     x.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="no training: average these runs (per-seed or combined JSONs) and summarize them")
+    x.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="override the recipe's depths (a recipe with a depth_transfer: block, e.g. "
+                        "recipes/mup-lr-transfer-depth.yaml: the transfer across depth per depth rule)")
+    x.add_argument("--depth-rules", nargs="+", default=None, choices=["none", "depth_mup", "completep"],
+                   help="override the depth experiment's rules")
     x.add_argument("--max-mup-shift", type=float, default=1.0,
                    help="verdict threshold: μP's fitted optimum may move this many grid steps (default 1)")
     x.add_argument("--out", default="mup_lr_transfer.png",
@@ -251,6 +256,18 @@ def _lr_transfer(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    depth_block = None
+    if args.config and not args.combine:
+        import yaml
+
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        depth_block = raw.get("depth_transfer") if isinstance(raw, dict) else None
+    if args.combine:
+        runs = [json.loads(Path(p).read_text()) for p in args.combine]
+        if all(r.get("kind") == "depth" for r in runs):
+            return _lr_transfer_depth(args, out, runs=runs)
+    if depth_block is not None or args.depths or args.depth_rules:
+        return _lr_transfer_depth(args, out, block=depth_block)
     if args.combine:
         record = lt.combine([json.loads(Path(p).read_text()) for p in args.combine])
         record["combined"] = list(args.combine)
@@ -273,6 +290,38 @@ def _lr_transfer(args: argparse.Namespace) -> int:
         record = records[0] if len(records) == 1 else lt.combine(records)
         title = f"{cfg.model}, {cfg.steps} steps"
     lt.write_report(record, out, title=title, max_mup_shift=args.max_mup_shift)
+    return 0
+
+
+def _lr_transfer_depth(args: argparse.Namespace, out: Path, *, runs: list | None = None, block: Any = None) -> int:
+    from . import lr_transfer as lt
+    from . import lr_transfer_depth as ld
+
+    if runs is not None:
+        record = lt.combine(runs)
+        record.update(kind="depth", combined=list(args.combine))
+        title = f"mean of {len(runs)} run files"
+    else:
+        if block is not None and not isinstance(block, dict):
+            raise ValueError(f"{args.config}: depth_transfer must be a mapping (see recipes/mup-lr-transfer-depth.yaml)")
+        if args.widths and len(args.widths) != 1:
+            raise ValueError(f"--widths {args.widths}: the depth experiment runs at one width; give one value")
+        overrides = {"seeds": args.seeds, "steps": args.steps, "depths": args.depths, "depth_rules": args.depth_rules,
+                     "width": args.widths[0] if args.widths else None, "base_width": args.base_width}
+        cfg = ld.load_depth_config(block or {}, where=args.config or "defaults", **overrides)
+        print(f"{cfg.model}: width {cfg.width}, depths {cfg.depths} (base depth {cfg.base_depth}), rules "
+              f"{cfg.depth_rules}; joint {cfg.joint} with {cfg.joint_rules}; {cfg.steps} steps, {cfg.runs_per_seed()} "
+              f"runs per seed (before reuse at the base depth), seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
+
+        def save(rec: dict[str, Any]) -> None:
+            path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
+            path.write_text(json.dumps(rec, indent=1))
+            print(f"wrote {path}", flush=True)
+
+        records = ld.run_depth(cfg, jobs=args.jobs, save=save)
+        record = records[0] if len(records) == 1 else {**lt.combine(records), "kind": "depth"}
+        title = f"{cfg.model}, width {cfg.width}, {cfg.steps} steps"
+    ld.write_depth_report(record, out, title=title, max_shift=args.max_mup_shift)
     return 0
 
 

@@ -51,6 +51,9 @@ __all__ = [
     "format_summary",
     "verdict",
     "write_report",
+    "axis_of",
+    "check_optimizers",
+    "point_loss",
 ]
 
 #: default grids (log2 of the base learning rate) and betas per optimizer
@@ -102,21 +105,7 @@ class LRTransferConfig:
                 raise ValueError(f"lr_transfer.{key} must be a positive integer, got {getattr(self, key)!r}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"lr_transfer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not self.optimizers:
-            raise ValueError("lr_transfer.optimizers is empty; name at least one, e.g. {adamw: {log2_lrs: [-9, ..., -3]}}")
-        for name, spec in self.optimizers.items():
-            if not isinstance(spec, Mapping):
-                raise ValueError(f"lr_transfer.optimizers.{name} must be a mapping with log2_lrs, got {spec!r}")
-            unknown = set(spec) - {"log2_lrs", "betas", "hparams"}
-            if unknown:
-                raise ValueError(f"lr_transfer.optimizers.{name}: unknown keys {sorted(unknown)}; "
-                                 "allowed: log2_lrs, betas, hparams")
-            grid = spec.get("log2_lrs") or DEFAULT_OPTIMIZERS.get(name, {}).get("log2_lrs")
-            if not grid:
-                raise ValueError(f"lr_transfer.optimizers.{name} needs log2_lrs (no default grid for {name!r})")
-            grid_step(grid, where=f"lr_transfer.optimizers.{name}.log2_lrs")
-            # an unknown optimizer, or one without a μP rule, is refused here, before any training
-            mup_family(canonical_name(name), dict(spec.get("hparams") or {}))
+        check_optimizers(self.optimizers)
         self.seeds = [int(s) for s in self.seeds] or [0]
 
     def grid(self, name: str) -> list[float]:
@@ -126,6 +115,70 @@ class LRTransferConfig:
     def runs_per_seed(self) -> int:
         """Training runs in one seed: every (optimizer, μP/SP, width, learning rate)."""
         return sum(len(self.grid(name)) for name in self.optimizers) * 2 * len(self.widths)
+
+
+#: the axis a result entry sweeps: its key holds the sizes, and ``loss`` is keyed by ``str(size)``
+AXES = ("widths", "depths", "points")
+
+
+def axis_of(res: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """``(axis, sizes)`` of a result entry: ``("width", [32, 64, ...])``, ``("depth", [2, 4, ...])`` or
+    ``("point", ["w32 L2", "w128 L8"])`` (width and depth together, labels kept as written)."""
+    for key in AXES:
+        if key in res:
+            vals = list(res[key])
+            return key[:-1], vals if key == "points" else [int(v) for v in vals]
+    raise ValueError(f"a result entry needs one of {', '.join(AXES)}, got keys {sorted(res)}")
+
+
+def check_optimizers(optimizers: Mapping[str, Any], where: str = "lr_transfer") -> None:
+    """Every entry a mapping with an evenly spaced ``log2_lrs`` grid (or a default one) and a μP rule."""
+    if not optimizers:
+        raise ValueError(f"{where}.optimizers is empty; name at least one, e.g. {{adamw: {{log2_lrs: [-9, ..., -3]}}}}")
+    for name, spec in optimizers.items():
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}.optimizers.{name} must be a mapping with log2_lrs, got {spec!r}")
+        unknown = set(spec) - {"log2_lrs", "betas", "hparams", "mix"}
+        if unknown:
+            raise ValueError(f"{where}.optimizers.{name}: unknown keys {sorted(unknown)}; "
+                             "allowed: log2_lrs, betas, hparams, mix")
+        grid = spec.get("log2_lrs") or DEFAULT_OPTIMIZERS.get(name, {}).get("log2_lrs")
+        if not grid:
+            raise ValueError(f"{where}.optimizers.{name} needs log2_lrs (no default grid for {name!r})")
+        grid_step(grid, where=f"{where}.optimizers.{name}.log2_lrs")
+        # an unknown optimizer, or one without a μP rule, is refused here, before any training
+        mup_family(canonical_name(name), dict(spec.get("hparams") or {}))
+
+
+def point_loss(cfg: Any, name: str, log2_lr: float, model: Any, train: list, held: list, *, mup: bool = True) -> float:
+    """Train ``model`` with optimizer ``name`` of ``cfg.optimizers`` at base lr 2^log2_lr (warmup then
+    cosine to ``cfg.min_lr_ratio``) on ``train``; the held-out loss, inf when training diverged."""
+    from ..configure import OptimizerSpec, configure
+    from .experiment import eval_loss, train_run
+
+    extra = cfg.optimizers[name]
+    kw: dict[str, Any] = dict(name=name, lr=2.0 ** log2_lr, mup=mup,
+                              weight_decay=cfg.weight_decay, schedule="cosine",
+                              warmup_steps=int(cfg.steps * cfg.warmup_fraction), total_steps=cfg.steps,
+                              min_lr_ratio=cfg.min_lr_ratio, hparams=dict(extra.get("hparams") or {}),
+                              mix=[dict(m) for m in extra.get("mix") or []])
+    betas = extra.get("betas", DEFAULT_OPTIMIZERS.get(name, {}).get("betas"))
+    if betas is not None:
+        kw["betas"] = tuple(betas)
+    spec = OptimizerSpec(**kw)
+    losses = train_run(model, lambda m: configure(m, spec), train, cfg.steps)
+    ok = len(losses) == cfg.steps and all(math.isfinite(v) for v in losses)
+    return eval_loss(model, held) if ok else math.inf
+
+
+def model_overrides(cfg: Any) -> dict[str, Any]:
+    """The model options every point of ``cfg`` shares (zero readout, QK-LayerNorm, z-loss)."""
+    out: dict[str, Any] = {"zero_readout": cfg.zero_readout}
+    if cfg.qk_layernorm:
+        out["qk_layernorm"] = True
+    if cfg.z_loss:
+        out["z_loss"] = cfg.z_loss
+    return out
 
 
 def grid_step(log2_lrs: Sequence[float], where: str = "log2_lrs") -> float:
@@ -163,16 +216,11 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict
     The record is JSON-ready: ``{"config", "seed", "seeds": [seed], "results": {"<opt>/<mup|sp>":
     {"log2_lrs", "widths", "loss": {width: [held-out loss per lr, inf where diverged]}}}, "seconds"}``.
     """
-    from ..configure import OptimizerSpec, configure
-    from .experiment import eval_loss, fixed_batches, train_run, width_model
+    from .experiment import fixed_batches, width_model
 
     train = fixed_batches(cfg.steps, cfg.batch_size, cfg.seq_len, seed=seed)
     held = fixed_batches(cfg.eval_batches, cfg.eval_batch_size, cfg.seq_len, seed=seed + 1, offset=1)
-    overrides: dict[str, Any] = {"zero_readout": cfg.zero_readout}
-    if cfg.qk_layernorm:
-        overrides["qk_layernorm"] = True
-    if cfg.z_loss:
-        overrides["z_loss"] = cfg.z_loss
+    overrides = model_overrides(cfg)
     points = [(name, mup, w, lg) for name in cfg.optimizers for mup in (True, False) for w in cfg.widths
               for lg in cfg.grid(name)]
     bar = None
@@ -183,7 +231,6 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for name in cfg.optimizers:
-        spec_extra = cfg.optimizers[name]
         grid = cfg.grid(name)
         for mup in (True, False):
             key = f"{name}/{'mup' if mup else 'sp'}"
@@ -192,17 +239,7 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict
                 row = []
                 for lg in grid:
                     model = width_model(cfg.model, width, mup=mup, base_width=cfg.base_width, seed=seed, **overrides)
-                    kw: dict[str, Any] = dict(name=name, lr=2.0 ** lg, mup=mup, weight_decay=cfg.weight_decay,
-                                              schedule="cosine", warmup_steps=int(cfg.steps * cfg.warmup_fraction),
-                                              total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
-                                              hparams=dict(spec_extra.get("hparams") or {}))
-                    betas = spec_extra.get("betas", DEFAULT_OPTIMIZERS.get(name, {}).get("betas"))
-                    if betas is not None:
-                        kw["betas"] = tuple(betas)
-                    spec = OptimizerSpec(**kw)
-                    losses = train_run(model, lambda m: configure(m, spec), train, cfg.steps)
-                    ok = len(losses) == cfg.steps and all(math.isfinite(v) for v in losses)
-                    row.append(eval_loss(model, held) if ok else math.inf)
+                    row.append(point_loss(cfg, name, lg, model, train, held, mup=mup))
                     if bar is not None:
                         bar.update(1)
                 results[key]["loss"][str(width)] = row
@@ -259,24 +296,31 @@ def combine(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if not records:
         raise ValueError("combine needs at least one run")
-    first = records[0]["results"]
     seeds: list[Any] = []
     weights = []
     for rec in records:
         s = rec.get("seeds") or ([rec["seed"]] if "seed" in rec else [rec.get("args", {}).get("seed", "?")])
         seeds.extend(s)
         weights.append(len(s))
+    config = records[0].get("config") or records[0].get("args")
+    out = {"config": config, "seeds": seeds, "results": _combine_field(records, "results", weights)}
+    if all("joint" in rec for rec in records):
+        out["joint"] = _combine_field(records, "joint", weights)
+    return out
+
+
+def _combine_field(records: Sequence[Mapping[str, Any]], field: str, weights: list[int]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for key, res in first.items():
-        widths = [int(w) for w in res["widths"]]
+    for key, res in records[0][field].items():
+        axis, widths = axis_of(res)
         loss: dict[str, list[float]] = {}
         for rec in records:
-            other = rec["results"].get(key)
+            other = rec[field].get(key)
             if other is None or [float(x) for x in other["log2_lrs"]] != [float(x) for x in res["log2_lrs"]] \
-                    or [int(w) for w in other["widths"]] != widths:
-                raise ValueError(f"{key}: the runs do not share one grid of widths and learning rates; combine runs of one recipe")
+                    or axis_of(other) != (axis, widths):
+                raise ValueError(f"{key}: the runs do not share one grid of {axis}s and learning rates; combine runs of one recipe")
         for w in widths:
-            rows = [rec["results"][key]["loss"][str(w)] for rec in records]
+            rows = [rec[field][key]["loss"][str(w)] for rec in records]
             mean = []
             for col in zip(*rows):
                 if all(math.isfinite(float(v)) for v in col):
@@ -284,20 +328,21 @@ def combine(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 else:
                     mean.append(math.inf)
             loss[str(w)] = mean
-        out[key] = {"log2_lrs": [float(x) for x in res["log2_lrs"]], "widths": widths, "loss": loss}
-        per_seed = _best_per_seed(records, key, widths)
+        out[key] = {k: v for k, v in res.items() if k not in ("loss", "best_per_seed")}
+        out[key].update({"log2_lrs": [float(x) for x in res["log2_lrs"]], f"{axis}s": widths, "loss": loss})
+        per_seed = _best_per_seed(records, key, widths, field)
         if per_seed is not None:
             out[key]["best_per_seed"] = per_seed
-    config = records[0].get("config") or records[0].get("args")
-    return {"config": config, "seeds": seeds, "results": out}
+    return out
 
 
-def _best_per_seed(records: Sequence[Mapping[str, Any]], key: str, widths: Sequence[int]) -> Optional[dict[str, list[float]]]:
+def _best_per_seed(records: Sequence[Mapping[str, Any]], key: str, widths: Sequence[Any],
+                   field: str = "results") -> Optional[dict[str, list[float]]]:
     """Every seed's best-of-grid loss per width, from the records' ``best_per_seed`` (or, for a
     one-seed record without it, from its curve); None when a pooled record lacks them."""
     out: dict[str, list[float]] = {str(w): [] for w in widths}
     for rec in records:
-        res = rec["results"][key]
+        res = rec[field][key]
         if "best_per_seed" in res:
             for w in widths:
                 out[str(w)].extend(float(v) for v in res["best_per_seed"][str(w)])
@@ -346,7 +391,7 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
     for key, res in results.items():
         grid = [float(x) for x in res["log2_lrs"]]
         step = grid_step(grid, where=f"{key} log2_lrs")
-        widths = [int(w) for w in res["widths"]]
+        axis, widths = axis_of(res)
         rows = {w: res["loss"][str(w)] if str(w) in res["loss"] else res["loss"][w] for w in widths}
         g = {w: grid_best(grid, rows[w]) for w in widths}
         f = {w: fitted_log2_optimum(grid, rows[w]) for w in widths}
@@ -361,7 +406,7 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
         for w in widths:
             vals = [float(v) for v in per_seed.get(str(w), []) if math.isfinite(float(v))]
             spread[w] = statistics.stdev(vals) if len(vals) > 1 else None
-        summary[key] = {"widths": widths, "grid_step": step, "grid_best_log2_lr": g, "fitted_best_log2_lr": f,
+        summary[key] = {"axis": axis, "sizes": widths, f"{axis}s": widths, "grid_step": step, "grid_best_log2_lr": g, "fitted_best_log2_lr": f,
                         "grid_shift_steps": shift(g), "fitted_shift_steps": shift(f), "fitted_outside_grid": outside,
                         "best_loss": {w: best_of(rows[w]) for w in widths}, "best_loss_seed_std": spread}
     return summary
@@ -389,7 +434,7 @@ def verdict(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: float = 1.0
 def _quality(smu: Mapping[str, Any], ssp: Mapping[str, Any]) -> dict[str, Any]:
     if "best_loss" not in smu:  # a summary from before best losses were recorded
         return {}
-    widths = smu["widths"]
+    widths = smu.get("sizes") or smu["widths"]
     best, std = smu["best_loss"], smu.get("best_loss_seed_std") or {}
 
     def tol(*points: tuple[Mapping[Any, Any], int]) -> float:
@@ -411,8 +456,8 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]], max_mup_shift: floa
         return "  —  " if v is None else f"{v:6.{digits}f}"
 
     for key, s in summary.items():
-        widths = s["widths"]
-        lines.append(f"{key:12s} widths {' '.join(f'{w:>6d}' for w in widths)}")
+        widths = s.get("sizes") or s["widths"]
+        lines.append(f"{key:12s} {s.get('axis', 'width') + 's':6s} {' '.join(f'{w!s:>6s}' for w in widths)}")
         lines.append(f"{'':12s} grid   {' '.join(fmt(s['grid_best_log2_lr'][w], 1) for w in widths)}   shift "
                      f"{fmt(s['grid_shift_steps'], 2)} grid steps")
         lines.append(f"{'':12s} fitted {' '.join(fmt(s['fitted_best_log2_lr'][w], 2) for w in widths)}   shift "
@@ -497,10 +542,11 @@ def figure(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Mappi
 def _curves_panel(ax: Any, res: Mapping[str, Any], s: Mapping[str, Any], key: str) -> None:
     grid = [float(x) for x in res["log2_lrs"]]
     finite_all = []
-    for w in [int(w) for w in res["widths"]]:
+    axis, sizes = axis_of(res)
+    for w in sizes:
         row = [float(v) if math.isfinite(float(v)) else float("nan") for v in res["loss"][str(w)]]
         finite_all += [v for v in row if v == v]
-        line, = ax.plot(grid, row, marker="o", ms=3, label=f"width {w}")
+        line, = ax.plot(grid, row, marker="o", ms=3, label=f"{axis} {w}" if axis != "point" else str(w))
         gb = s["grid_best_log2_lr"][w]
         if gb is not None:
             ax.plot([gb], [row[grid.index(gb)]], marker="*", ms=11, color=line.get_color())
@@ -509,7 +555,7 @@ def _curves_panel(ax: Any, res: Mapping[str, Any], s: Mapping[str, Any], key: st
             ax.axvline(fb, color=line.get_color(), ls=":", lw=1)
             ax.plot([fb], [1.0], marker="v", ms=7, color=line.get_color(), transform=ax.get_xaxis_transform(),
                     clip_on=False)
-    label = key.replace("/mup", " — μP").replace("/sp", " — SP")
+    label = key.replace("/mup", " — μP").replace("/sp", " — SP").replace("/", " — ")
     shift = s["fitted_shift_steps"]
     ax.set_title(f"{label}\nfitted optimum moves {'—' if shift is None else f'{shift:.2f}'} grid steps", fontsize=9)
     ax.set_xlabel("log2 learning rate (base)")
