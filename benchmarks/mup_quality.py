@@ -76,11 +76,13 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
     train = fixed_batches(steps, args.batch_size, args.seq_len, seed=seed)
     held = fixed_batches(32, 16, args.seq_len, seed=1000 + seed, offset=1)
     model_over = {"zero_readout": True, "qk_layernorm": True, "z_loss": 1e-4}
-    if mup and "init_std" in cand:
+    # model-side changes apply to SP too when the candidate is marked so (--same-sp): both tuned alike
+    both = mup or cand.get("sp_too", False)
+    if both and "init_std" in cand:
         model_over["init_std"] = cand["init_std"]
-    if mup and cand.get("random_readout"):
+    if both and cand.get("random_readout"):
         model_over["zero_readout"] = False
-    if mup and "output_mult" in cand:  # TP5's output multiplier, tuned on the proxy: × the base's logit scale
+    if both and "output_mult" in cand:  # TP5's output multiplier, tuned on the proxy: × the base's logit scale
         model_over["logit_scale"] = cand["output_mult"]
     model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
     if mup and cand.get("attn_sqrt"):
@@ -97,6 +99,16 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
     return eval_loss(model, held) if ok else math.inf
 
 
+_MODEL_SIDE = ("init_std", "random_readout", "output_mult")
+
+
+def _sp_name(cand: dict, same_sp: bool) -> str:
+    """The SP reference a candidate is compared with: plain SP, or (``--same-sp``) SP with its model-side changes."""
+    if same_sp and any(k in cand for k in _MODEL_SIDE):
+        return "SP " + "+".join(f"{k}={cand[k]}" if k != "random_readout" else k for k in _MODEL_SIDE if k in cand)
+    return "SP"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", nargs="+", default=["default", "init_std=0.1", "attn_sqrt", "vector_lr=0.25"])
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--same-sp", action="store_true",
+                   help="give SP the candidate's model-side changes too (init_std, random_readout, output_mult) "
+                        "and compare each candidate with that SP: is the gain μP's own or the model's?")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     cands = [parse_candidate(c) for c in args.candidates]
@@ -121,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         for cand in cands:
             steps = int(cand.get("steps", args.steps))
             runs = [("mup", base, args.mup_log2_lrs), ("mup", wide, args.mup_log2_lrs)]
-            if ("SP", "sp", wide, steps) not in best or seed not in best[("SP", "sp", wide, steps)]:
-                runs.insert(0, ("sp", wide, args.sp_log2_lrs))  # SP as it is, at the candidate's length
+            sp_name = _sp_name(cand, args.same_sp)
+            sp_cand = {**cand, "sp_too": True} if sp_name != "SP" else {"name": "SP", "steps": steps}
+            if (sp_name, "sp", wide, steps) not in best or seed not in best[(sp_name, "sp", wide, steps)]:
+                runs.insert(0, ("sp", wide, args.sp_log2_lrs))  # SP (as it is, or alike) at the candidate's length
             for par, width, grid in runs:
-                vals = [train_point(cand if par == "mup" else {"name": "SP", "steps": steps}, mup=par == "mup",
+                vals = [train_point(cand if par == "mup" else sp_cand, mup=par == "mup",
                                     width=width, log2_lr=lg, seed=seed, args=args) for lg in grid]
-                key = (cand["name"], par, width, steps) if par == "mup" else ("SP", "sp", width, steps)
+                key = (cand["name"], par, width, steps) if par == "mup" else (sp_name, "sp", width, steps)
                 best.setdefault(key, {})[seed] = min(vals)
                 print(f"[{time.perf_counter() - t0:6.0f}s] seed {seed} {key[0]:>14s} {par} width {width}: "
                       + " ".join(f"{v:.3f}" for v in vals), flush=True)
@@ -143,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     for cand in cands:
         steps = int(cand.get("steps", args.steps))
         b, w = best[(cand["name"], "mup", base, steps)], best[(cand["name"], "mup", wide, steps)]
-        sp = best[("SP", "sp", wide, steps)]
+        sp = best[(_sp_name(cand, args.same_sp), "sp", wide, steps)]
         gain = {s: w[s] - b[s] for s in args.seeds}
         gap = {s: w[s] - sp[s] for s in args.seeds}
-        table[cand["name"]] = {"base": b, "wide": w, "sp_wide": sp, "wide_minus_base": gain, "mup_minus_sp": gap}
+        table[cand["name"]] = {"base": b, "wide": w, "sp_wide": sp, "wide_minus_base": gain, "mup_minus_sp": gap,
+                               "sp_reference": _sp_name(cand, args.same_sp)}
         print(f"{cand['name']:<16}{ms(b):>16}{ms(w):>16}{ms(gain):>18}{ms(sp):>16}{ms(gap):>20}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

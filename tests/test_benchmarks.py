@@ -101,6 +101,29 @@ def test_gpu_suite_budget_stops_new_rows(capsys):
     assert out.count("not run: the 0 s budget was spent") == len(bench.OPTIONS)
 
 
+def test_mup_quality_same_sp_gives_sp_the_model_side_changes(tmp_path):
+    bench = _load("mup_quality")
+    threads = torch.get_num_threads()
+    out = tmp_path / "q.json"
+    common = ["--widths", "16", "32", "--mup-log2-lrs", "-5", "-4", "--sp-log2-lrs", "-6", "--seeds", "0",
+              "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--json", str(out)]
+    try:
+        assert bench.main(["--candidates", "default", "random_readout", "--same-sp", *common]) == 0
+        import json
+
+        same = json.loads(out.read_text())["table"]
+        assert bench.main(["--candidates", "random_readout", *common]) == 0
+        plain = json.loads(out.read_text())["table"]
+    finally:
+        torch.set_num_threads(threads)
+    assert same["default"]["sp_reference"] == "SP" and same["random_readout"]["sp_reference"] == "SP random_readout"
+    assert plain["random_readout"]["sp_reference"] == "SP"
+    # the μP side is the same run; SP with a random readout is another model than SP with a zero one
+    assert same["random_readout"]["wide"]["0"] == pytest.approx(plain["random_readout"]["wide"]["0"])
+    assert same["random_readout"]["sp_wide"]["0"] != pytest.approx(plain["random_readout"]["sp_wide"]["0"])
+    assert same["default"]["sp_wide"]["0"] == pytest.approx(plain["random_readout"]["sp_wide"]["0"])
+
+
 def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path, capsys):
     bench = _load("mup_quality")
     threads = torch.get_num_threads()
