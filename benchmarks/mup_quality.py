@@ -18,6 +18,8 @@ seeds, and reports per width the best-of-grid held-out loss (mean ± seed std) a
 * ``output_mult=X``: TP5's output multiplier (the logits × X on top of μP's base_width / width),
   tuned on the proxy;
 * ``random_readout``: the readout initialized N(0, init_std²) instead of zero (TP5 §D.2 advises zero);
+* ``head_dim=X``: widen by heads at a fixed head size X (n_head = width / X at every width, the proxy
+  itself as μP's base), as model families grow; μP's 1/d attention scale is then SP's 1/sqrt(d);
 * ``eps=X``: AdamW's ε at the base (μP divides it by m_in on the hidden matrices; 1e-12 makes it
   negligible at every width, which tests whether the ε rule matters);
 * several joined by ``+`` (``attn_sqrt+init_std=0.1``): a combination.
@@ -48,12 +50,12 @@ VECTOR_ROLES = ("embedding", "norm", "readout", "bias")
 
 
 _FLAGS = ("default", "attn_sqrt", "random_readout")
-_VALUES = ("init_std", "vector_lr", "steps", "output_mult", "eps")
+_VALUES = ("init_std", "vector_lr", "steps", "output_mult", "eps", "head_dim")
 
 
 def parse_candidate(text: str) -> dict:
     """``default``, ``attn_sqrt``, ``random_readout``, ``init_std=0.1``, ``vector_lr=0.25``, ``steps=600``,
-    ``output_mult=4``, ``eps=1e-12``, or several joined by ``+`` (``attn_sqrt+init_std=0.1``)."""
+    ``output_mult=4``, ``eps=1e-12``, ``head_dim=8``, or several joined by ``+`` (``attn_sqrt+init_std=0.1``)."""
     out: dict = {"name": text}
     for part in text.split("+"):
         if part in _FLAGS:
@@ -64,7 +66,7 @@ def parse_candidate(text: str) -> dict:
             raise ValueError(f"unknown candidate {part!r} in {text!r}; use {', '.join(_FLAGS)}, "
                              f"{', '.join(k + '=X' for k in _VALUES)}, or several joined by '+'")
         try:
-            out[key] = int(value) if key == "steps" else float(value)
+            out[key] = int(value) if key in ("steps", "head_dim") else float(value)
         except ValueError:
             raise ValueError(f"candidate {part!r}: {value!r} is not a number") from None
     return out
@@ -84,7 +86,20 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
         model_over["zero_readout"] = False
     if both and "output_mult" in cand:  # TP5's output multiplier, tuned on the proxy: × the base's logit scale
         model_over["logit_scale"] = cand["output_mult"]
-    model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
+    if both and "head_dim" in cand:  # grow heads, keep their size; μP's base is the proxy config itself
+        from lightning_optlab.models import build_model, resolve_config
+        from lightning_optlab.mup.shapes import build_mup_model
+
+        hd = cand["head_dim"]
+        if width % hd or args.widths[0] % hd:
+            raise ValueError(f"head_dim={hd} must divide the widths {args.widths}")
+        cfg = resolve_config(args.model, n_embd=width, n_head=width // hd, **model_over)
+        torch.manual_seed(seed)
+        model = (build_mup_model(cfg, base=resolve_config(args.model, n_embd=args.widths[0], n_head=args.widths[0] // hd,
+                                                         **model_over))
+                 if mup else build_model(cfg))
+    else:
+        model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
     if mup and cand.get("attn_sqrt"):
         for mod in model.modules():
             if hasattr(mod, "scale") and "Attention" in type(mod).__name__:
@@ -99,7 +114,7 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
     return eval_loss(model, held) if ok else math.inf
 
 
-_MODEL_SIDE = ("init_std", "random_readout", "output_mult")
+_MODEL_SIDE = ("init_std", "random_readout", "output_mult", "head_dim")
 
 
 def _sp_name(cand: dict, same_sp: bool) -> str:

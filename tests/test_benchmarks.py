@@ -122,6 +122,31 @@ def test_mup_quality_same_sp_gives_sp_the_model_side_changes(tmp_path):
     assert same["random_readout"]["wide"]["0"] == pytest.approx(plain["random_readout"]["wide"]["0"])
     assert same["random_readout"]["sp_wide"]["0"] != pytest.approx(plain["random_readout"]["sp_wide"]["0"])
     assert same["default"]["sp_wide"]["0"] == pytest.approx(plain["random_readout"]["sp_wide"]["0"])
+    assert bench.parse_candidate("head_dim=8+init_std=0.1") == {"name": "head_dim=8+init_std=0.1", "head_dim": 8,
+                                                                "init_std": 0.1}
+
+
+def test_mup_quality_head_dim_grows_heads_at_a_fixed_head_size():
+    bench = _load("mup_quality")
+    import argparse
+
+    args = argparse.Namespace(model="llama-tiny", widths=[16, 32], steps=2, batch_size=2, seq_len=16)
+    seen = []
+    orig = bench.train_run
+
+    def spy(model, make, batches, steps):
+        seen.append((model.config.n_embd, model.config.n_head, model.config.head_dim, model.config.softmax_scale))
+        return orig(model, make, batches, steps)
+
+    bench.train_run = spy
+    try:
+        for mup in (True, False):
+            bench.train_point({"name": "h", "head_dim": 4, "sp_too": True}, mup=mup, width=32, log2_lr=-5, seed=0, args=args)
+    finally:
+        bench.train_run = orig
+    (w, heads, hd, mu_scale), (_, sp_heads, _, sp_scale) = seen
+    assert (w, heads, hd, sp_heads) == (32, 8, 4, 8)
+    assert mu_scale == pytest.approx(sp_scale) == pytest.approx(4 ** -0.5)  # same head size: μP's 1/d is SP's
 
 
 def test_mup_quality_probe_runs_each_candidate_against_sp_at_its_length(tmp_path, capsys):
