@@ -250,23 +250,26 @@ def run_seed(cfg: LRTransferConfig, seed: int, *, progress: bool = True) -> dict
             "seconds": time.perf_counter() - t0}
 
 
-def _run_seed_worker(args: tuple[dict[str, Any], int]) -> dict[str, Any]:
+def _run_seed_worker(args: tuple[Callable[..., dict[str, Any]], type, dict[str, Any], int]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    cfg_dict, seed = args
-    return run_seed(LRTransferConfig(**cfg_dict), seed, progress=False)
+    run_one, cfg_type, cfg_dict, seed = args
+    return run_one(cfg_type(**cfg_dict), seed, progress=False)
 
 
-def run(cfg: LRTransferConfig, *, jobs: int = 1, progress: bool = True,
-        save: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
-    """:func:`run_seed` for every seed of ``cfg``, ``jobs`` seeds at a time in worker processes
-    (one torch thread each); ``save(record)`` is called as each seed finishes."""
+def run(cfg: Any, *, jobs: int = 1, progress: bool = True,
+        save: Optional[Callable[[dict[str, Any]], None]] = None,
+        run_one: Optional[Callable[..., dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """``run_one(cfg, seed)`` (default :func:`run_seed`) for every seed of ``cfg``, ``jobs`` seeds at a
+    time in worker processes (one torch thread each); ``save(record)`` is called as each seed finishes.
+    ``run_one`` and ``cfg``'s class must be module-level (the workers are spawned)."""
+    run_one = run_one or run_seed
     seeds = list(cfg.seeds)
     if jobs <= 1 or len(seeds) == 1:
         out = []
         for s in seeds:
-            rec = run_seed(cfg, s, progress=progress)
+            rec = run_one(cfg, s, progress=progress)
             if save is not None:
                 save(rec)
             out.append(rec)
@@ -276,7 +279,7 @@ def run(cfg: LRTransferConfig, *, jobs: int = 1, progress: bool = True,
 
     records: dict[int, dict[str, Any]] = {}
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_seed_worker, (dataclasses.asdict(cfg), s)): s for s in seeds}
+        futures = {pool.submit(_run_seed_worker, (run_one, type(cfg), dataclasses.asdict(cfg), s)): s for s in seeds}
         for fut in cf.as_completed(futures):
             rec = fut.result()
             records[futures[fut]] = rec

@@ -191,40 +191,12 @@ def run_depth_seed(cfg: DepthTransferConfig, seed: int, *, progress: bool = True
     return record
 
 
-def _worker(args: tuple[dict[str, Any], int]) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
-    cfg_dict, seed = args
-    return run_depth_seed(DepthTransferConfig(**cfg_dict), seed, progress=False)
-
-
 def run_depth(cfg: DepthTransferConfig, *, jobs: int = 1, progress: bool = True,
               save: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
     """:func:`run_depth_seed` for every seed, ``jobs`` seeds at a time in worker processes (one thread each)."""
-    seeds = list(cfg.seeds)
-    if jobs <= 1 or len(seeds) == 1:
-        out = []
-        for s in seeds:
-            rec = run_depth_seed(cfg, s, progress=progress)
-            if save is not None:
-                save(rec)
-            out.append(rec)
-        return out
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    from .lr_transfer import run
 
-    records: dict[int, dict[str, Any]] = {}
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_worker, (dataclasses.asdict(cfg), s)): s for s in seeds}
-        for fut in cf.as_completed(futures):
-            rec = fut.result()
-            records[futures[fut]] = rec
-            if save is not None:
-                save(rec)
-            if progress:
-                print(f"seed {futures[fut]} done in {rec['seconds']:.0f}s", flush=True)
-    return [records[s] for s in seeds]
+    return run(cfg, jobs=jobs, progress=progress, save=save, run_one=run_depth_seed)
 
 
 def joint_gaps(joint: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
