@@ -94,8 +94,8 @@ def test_small_scale_token_arithmetic(name, corpus):
 
 
 def _quarter_decades(values: list[float]) -> list[float]:
-    """``4 log10(v)`` of each value: integers for a quarter-decade lattice (3 significant digits)."""
-    return [4 * math.log10(v) for v in values]
+    """``log10(v) / 0.25`` of each value: integers, to rounding, on a quarter-decade lattice (3 digits kept)."""
+    return [math.log10(v) / QUARTER_DECADE for v in values]
 
 
 @pytest.mark.parametrize("name", STUDIES)
