@@ -1,6 +1,6 @@
 """The ``optlab`` command.
 
-* ``optlab fit|validate|test --config recipe.yaml [--scale tiny|paper] [--optimizer.name soap ...]``:
+* ``optlab fit|validate|test --config recipe.yaml [--scale tiny|small|paper] [--optimizer.name soap ...]``:
   a :class:`~lightning.pytorch.cli.LightningCLI` over :class:`~lightning_optlab.lit.CausalLMModule`
   and :class:`~lightning_optlab.lit.LMDataModule`, whose ``optimizer`` group is the pack's
   :class:`~lightning_optlab.configure.OptimizerSpec` (LightningCLI's own optimizer groups are off);
@@ -62,7 +62,8 @@ def _top_help() -> str:
         f"optimizers (--optimizer.name): {names}",
         f"aliases: {', '.join(f'{a}->{n}' for a, n in sorted(ALIASES.items()))}",
         "",
-        "recipes take --scale tiny (2 CPU cores, minutes) or --scale paper (the studies' set-up); "
+        "recipes take --scale tiny (a CPU core, minutes), --scale small (~10 tokens per parameter on a CPU, hours) "
+        "or --scale paper (the studies' set-up); "
         "`optlab <command> --help` for a command's options.",
     ]
     return "\n".join(lines)
@@ -156,7 +157,7 @@ def optlab_cli_class() -> type:
                      "and report them; without it a resume whose settings differ from the checkpoint's is refused")
             names = ", ".join(available_optimizers())
             parser.description = (f"Train a language model with the pack's optimizers (--optimizer.name: {names}). "
-                                  "Recipes: recipes/*.yaml with --scale tiny|paper.")
+                                  "Recipes: recipes/*.yaml with --scale tiny|small|paper.")
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             """The Trainer; ``fit`` gets a ``NonFiniteGuard(action="raise")`` when the config has none,
@@ -423,7 +424,7 @@ def _check_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="optlab check", description="dry run: build data, model and every optimizer "
                                      "of a recipe (and of its sweep runs) without training")
     parser.add_argument("--config", "-c", required=True, help="recipe or LightningCLI config (YAML)")
-    parser.add_argument("--scale", default=None, help="tiny (default) or paper")
+    parser.add_argument("--scale", default=None, help="tiny (default), small or paper")
     parser.add_argument("--no-data", action="store_true", help="do not prepare the data (model and optimizers only)")
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,7 @@ def _sweep_parser(sub: Any) -> None:
                                    "folder under --out: a rerun skips finished points and resumes broken ones from "
                                    "their last checkpoint. Writes OUT/results.csv and, unless --no-report, the report.")
     p.add_argument("recipe", help="recipe YAML with a `sweep` section (recipes/*.yaml)")
-    p.add_argument("--scale", default=None, help="tiny (default) or paper")
+    p.add_argument("--scale", default=None, help="tiny (default), small or paper")
     p.add_argument("--out", default=None, help="sweep folder (default optlab_runs/<recipe name>-<scale>)")
     p.add_argument("--executor", default="inline", choices=EXECUTORS,
                    help="inline: one after another in this process; local: --parallel subprocesses at a time; "

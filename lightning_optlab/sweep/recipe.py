@@ -1,9 +1,9 @@
-"""Recipes: one YAML per study, at two scales, with an optional sweep section.
+"""Recipes: one YAML per study, at up to three scales, with an optional sweep section.
 
 A recipe is an ordinary LightningCLI config (``trainer``, ``model``, ``optimizer``, ``data``,
 ``seed_everything``) plus two optional top-level sections:
 
-* ``scales``: ``{tiny: {...}, paper: {...}}``; the chosen scale's block is deep-merged over the
+* ``scales``: ``{tiny: {...}, small: {...}, paper: {...}}``; the chosen scale's block is deep-merged over the
   rest (mappings merge key by key, lists and scalars replace), so a recipe states its common
   set-up once and only the differences per scale. ``optlab fit --config R.yaml --scale paper``;
   the default scale is ``tiny``.
@@ -29,7 +29,7 @@ __all__ = ["SCALES", "AXIS_ALIASES", "deep_merge", "resolve_recipe", "load_yaml"
            "expand_points", "set_path"]
 
 #: the scales a recipe may define
-SCALES = ("tiny", "paper")
+SCALES = ("tiny", "small", "paper")
 
 #: sweep axis shortcuts -> where they live in the config (``betas.0``: the first element)
 AXIS_ALIASES: dict[str, str] = {

@@ -68,7 +68,7 @@ def test_scale_selects_the_recipe_section(recipe):
     config = yaml.safe_load(args[1])
     assert config["trainer"]["max_steps"] == 22900 and config["model"]["model"]["preset"] == "llama-150m"
     assert "scales" not in config and "sweep" not in config
-    with pytest.raises(ValueError, match="scale must be one of tiny, paper, got 'huge'"):
+    with pytest.raises(ValueError, match="scale must be one of tiny, small, paper, got 'huge'"):
         resolve_config_args(["--config", str(recipe), "--scale", "huge"])
 
 

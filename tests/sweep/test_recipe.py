@@ -24,7 +24,7 @@ def test_resolve_recipe_picks_a_scale_and_its_sweep():
     assert paper["trainer"]["max_steps"] == 9000 and paper_sweep["grid"] == {"lr": [1, 2]}
     assert "scales" not in tiny and "sweep" not in tiny
     assert resolve_recipe(recipe)[0] == tiny  # tiny is the default
-    with pytest.raises(ValueError, match="scale must be one of tiny, paper, got 'medium'"):
+    with pytest.raises(ValueError, match="scale must be one of tiny, small, paper, got 'medium'"):
         resolve_recipe(recipe, "medium")
     with pytest.raises(ValueError, match=r"unknown scale\(s\) \['huge'\]"):
         resolve_recipe({**recipe, "scales": {"huge": {}}})
