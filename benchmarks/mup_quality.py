@@ -86,20 +86,9 @@ def train_point(cand: dict, *, mup: bool, width: int, log2_lr: float, seed: int,
         model_over["zero_readout"] = False
     if both and "output_mult" in cand:  # TP5's output multiplier, tuned on the proxy: × the base's logit scale
         model_over["logit_scale"] = cand["output_mult"]
-    if both and "head_dim" in cand:  # grow heads, keep their size; μP's base is the proxy config itself
-        from lightning_optlab.models import build_model, resolve_config
-        from lightning_optlab.mup.shapes import build_mup_model
-
-        hd = cand["head_dim"]
-        if width % hd or args.widths[0] % hd:
-            raise ValueError(f"head_dim={hd} must divide the widths {args.widths}")
-        cfg = resolve_config(args.model, n_embd=width, n_head=width // hd, **model_over)
-        torch.manual_seed(seed)
-        model = (build_mup_model(cfg, base=resolve_config(args.model, n_embd=args.widths[0], n_head=args.widths[0] // hd,
-                                                         **model_over))
-                 if mup else build_model(cfg))
-    else:
-        model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
+    if both and "head_dim" in cand:  # grow heads, keep their size; μP's base is the proxy itself
+        model_over["head_dim"] = int(cand["head_dim"])
+    model = width_model(args.model, width, mup=mup, base_width=args.widths[0], seed=seed, **model_over)
     if mup and cand.get("attn_sqrt"):
         for mod in model.modules():
             if hasattr(mod, "scale") and "Attention" in type(mod).__name__:

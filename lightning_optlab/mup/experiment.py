@@ -46,11 +46,19 @@ def fixed_batches(n: int, batch_size: int, seq_len: int, seed: int, offset: int 
 
 def width_model(
     model: Any, width: int, *, mup: bool, base_width: int, seed: int, depth: int | None = None,
-    base_depth: int | None = None, depth_rule: str = "none", **overrides: Any,
+    base_depth: int | None = None, depth_rule: str = "none", head_dim: int | None = None, **overrides: Any,
 ) -> TransformerLM:
-    """``model`` (preset/config/mapping) at ``width`` (head count kept) and ``depth`` layers (default the
-    preset's), in μP relative to ``base_width`` (and, with a ``depth_rule``, to ``base_depth`` layers) or SP."""
+    """``model`` (preset/config/mapping) at ``width`` and ``depth`` layers (default the preset's), in μP
+    relative to ``base_width`` (and, with a ``depth_rule``, to ``base_depth`` layers) or SP.
+
+    The head count is kept (the head size grows with width), or with ``head_dim`` the head size is kept
+    and the head count is ``width / head_dim`` at every width, the base included, as model families grow.
+    """
     cfg = resolve_config(model, **overrides)
+    if head_dim is not None:
+        if width % head_dim or base_width % head_dim:
+            raise ValueError(f"head_dim {head_dim} must divide the width {width} and the base width {base_width}")
+        cfg = dataclasses.replace(cfg, n_head=width // head_dim, n_kv_head=None)
     if width % cfg.n_head:
         raise ValueError(f"width {width} is not divisible by n_head ({cfg.n_head}); pick widths that are")
     cfg = dataclasses.replace(cfg, n_embd=width, n_layer=cfg.n_layer if depth is None else depth)
@@ -59,7 +67,11 @@ def width_model(
     torch.manual_seed(seed)
     if not mup:
         return build_model(cfg)
-    return build_mup_model(cfg, base=base_width, depth=depth_rule,
+    base: Any = base_width
+    if head_dim is not None:  # the proxy itself as the base: its head count is base_width / head_dim
+        base = dataclasses.replace(cfg, n_embd=base_width, n_head=base_width // head_dim,
+                                   mlp_hidden=None if cfg.mlp_hidden is None else cfg.mlp_hidden * base_width // width)
+    return build_mup_model(cfg, base=base, depth=depth_rule,
                            base_depth=(base_depth or cfg.n_layer) if depth_rule != "none" else None)
 
 

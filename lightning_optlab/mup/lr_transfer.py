@@ -86,6 +86,7 @@ class LRTransferConfig:
     qk_layernorm: bool = False
     z_loss: float = 0.0
     zero_readout: bool = True
+    head_dim: Optional[int] = None
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
@@ -174,6 +175,8 @@ def point_loss(cfg: Any, name: str, log2_lr: float, model: Any, train: list, hel
 def model_overrides(cfg: Any) -> dict[str, Any]:
     """The model options every point of ``cfg`` shares (zero readout, QK-LayerNorm, z-loss)."""
     out: dict[str, Any] = {"zero_readout": cfg.zero_readout}
+    if getattr(cfg, "head_dim", None):
+        out["head_dim"] = int(cfg.head_dim)
     if cfg.qk_layernorm:
         out["qk_layernorm"] = True
     if cfg.z_loss:

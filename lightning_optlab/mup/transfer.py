@@ -147,6 +147,13 @@ def transfer(
             notes.insert(0, f"WARNING: the target is deeper than the proxy ({proxy_cfg.n_layer} → {target_cfg.n_layer} "
                             "layers) and no depth rule is applied: the learning rates are transferred across width "
                             "only. Fix: --depth completep (or depth_mup)")
+    if target_cfg.head_dim != proxy_cfg.head_dim:
+        ratio = (target_cfg.head_dim / proxy_cfg.head_dim) ** 0.5
+        notes.insert(0, f"NOTE: the head size changes from {proxy_cfg.head_dim} to {target_cfg.head_dim}: μP's 1/d attention "
+                        f"scale makes the target's attention logits {ratio:.3g}x smaller than 1/sqrt(d) would; at small "
+                        "scale that was the main reason μP's wider models trained worse than SP's (docs/mup.md, 'Does the "
+                        "μP model get better with width?'). Fix: keep the head size, a proxy with n_head = proxy width / "
+                        f"{target_cfg.head_dim} or a target with n_head = target width / {proxy_cfg.head_dim}")
     depth_info = {"rule": rule, "base_depth": proxy_cfg.n_layer, "depth": target_cfg.n_layer,
                   "branch_multiplier": branch_multiplier(rule, target_cfg.n_layer, proxy_cfg.n_layer),
                   "summary": describe(rule, target_cfg.n_layer, proxy_cfg.n_layer),

@@ -33,6 +33,10 @@ def test_transfer_keeps_the_numbers_and_prints_the_per_role_rates(tmp_path, caps
     assert ("hidden", 1e-3) in lrs and ("readout", 4e-3) in lrs and ("embedding", 4e-3) in lrs  # η/4 on 4x-wide matrices
     assert any("deeper than the proxy (2 → 4 layers)" in n and "--depth completep" in n for n in result["notes"])
     assert any("batch size" in n for n in result["notes"]) and result["depth"]["rule"] == "none"
+    # 4 heads kept from width 32 to 128: the head size grows 8 → 32, and the transfer says what that costs
+    assert any("head size changes from 8 to 32" in n and "2x smaller" in n for n in result["notes"])
+    same_heads = transfer(PROXY, {**target, "n_head": 16})
+    assert not any("head size" in n for n in same_heads["notes"])
     # the stored base shapes are what a model built from the written recipe recomputes
     rebuilt = build_mup_model(recipe["model"]["model"], base=recipe["model"]["mup"]["base"])
     assert result["base_shapes"] == {n: list(p.infshape.base_shape()) for n, p in rebuilt.named_parameters()}

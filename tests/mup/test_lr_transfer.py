@@ -201,3 +201,21 @@ def test_figure_has_a_best_loss_vs_width_panel_with_the_summary_numbers():
         assert panel[0].containers and panel[0].containers[0].has_yerr  # the seeds' spread is drawn
     finally:
         plt.close(fig)
+
+
+def test_head_dim_keeps_the_head_size_at_every_width_and_in_the_base():
+    import torch
+
+    from lightning_optlab.mup.experiment import width_model
+
+    torch.manual_seed(0)
+    wide = width_model("llama-tiny", 128, mup=True, base_width=32, seed=0, head_dim=8)
+    assert (wide.config.n_head, wide.config.head_dim) == (16, 8)
+    assert wide.optlab_mup_base.n_head == 4 and wide.optlab_mup_base.head_dim == 8
+    sp = width_model("llama-tiny", 128, mup=False, base_width=32, seed=0, head_dim=8)
+    assert wide.config.softmax_scale == pytest.approx(sp.config.softmax_scale) == pytest.approx(8 ** -0.5)
+    kept = width_model("llama-tiny", 128, mup=True, base_width=32, seed=0)  # head count kept: 1/d shrinks it
+    assert kept.config.head_dim == 32 and kept.config.softmax_scale == pytest.approx(8 ** -0.5 * 8 / 32)
+    with pytest.raises(ValueError, match="head_dim 12 must divide"):
+        width_model("llama-tiny", 128, mup=True, base_width=32, seed=0, head_dim=12)
+    assert lt.model_overrides(lt.LRTransferConfig(head_dim=8))["head_dim"] == 8
