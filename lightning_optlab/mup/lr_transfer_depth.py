@@ -283,7 +283,10 @@ def depth_figure(record: Mapping[str, Any], summary: Mapping[str, Any], gaps: Ma
         ax = axes[row][len(rules)]
         for rule in rules:
             s = summary[f"{name}/{rule}"]
-            ds = [d for d in s["sizes"] if s["fitted_best_log2_lr"][d] is not None]
+            grid = [float(x) for x in results[f"{name}/{rule}"]["log2_lrs"]]
+            # a vertex far outside the grid (a nearly flat or noisy curve) is left out of the panel
+            ds = [d for d in s["sizes"] if s["fitted_best_log2_lr"][d] is not None
+                  and grid[0] - 1 <= s["fitted_best_log2_lr"][d] <= grid[-1] + 1]
             ax.plot(ds, [s["fitted_best_log2_lr"][d] for d in ds], "-o", ms=3, label=rule)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("depth (layers)")
@@ -300,8 +303,8 @@ def depth_figure(record: Mapping[str, Any], summary: Mapping[str, Any], gaps: Ma
                     line, = ax.plot(grid, ys, ls, marker="o", ms=2, label=f"{rule}: {label}")
                 if g["proxy_grid_best"] is not None:
                     ax.plot([g["proxy_grid_best"]], [g["target_loss_at_transfer"]], "*", ms=10, color=line.get_color())
-            finite = [v for res in joint.values() if res is not None for r in res["loss"].values() for v in r
-                      if math.isfinite(v)]
+            finite = [v for k, res in joint.items() if k.rsplit("/", 1)[0] == name for r in res["loss"].values()
+                      for v in r if math.isfinite(v)]
             if finite:
                 ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.2))
             ax.set_xlabel("log2 learning rate (base)")
