@@ -251,6 +251,17 @@ def _lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_saver(out: Path) -> Any:
+    """``save(record)`` writing each seed's record beside ``out`` as ``<stem>_seed<N>.json``."""
+
+    def save(rec: dict[str, Any]) -> None:
+        path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
+        path.write_text(json.dumps(rec, indent=1))
+        print(f"wrote {path}", flush=True)
+
+    return save
+
+
 def _lr_transfer(args: argparse.Namespace) -> int:
     from . import lr_transfer as lt
 
@@ -281,12 +292,7 @@ def _lr_transfer(args: argparse.Namespace) -> int:
         print(f"{cfg.model}: widths {cfg.widths} (μP base {cfg.base_width}), {cfg.steps} steps, "
               f"{cfg.runs_per_seed()} runs per seed, seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
 
-        def save(rec: dict[str, Any]) -> None:
-            path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
-            path.write_text(json.dumps(rec, indent=1))
-            print(f"wrote {path}", flush=True)
-
-        records = lt.run(cfg, jobs=args.jobs, save=save)
+        records = lt.run(cfg, jobs=args.jobs, save=_seed_saver(out))
         record = records[0] if len(records) == 1 else lt.combine(records)
         title = f"{cfg.model}, {cfg.steps} steps"
     lt.write_report(record, out, title=title, max_mup_shift=args.max_mup_shift)
@@ -313,12 +319,7 @@ def _lr_transfer_depth(args: argparse.Namespace, out: Path, *, runs: list | None
               f"{cfg.depth_rules}; joint {cfg.joint} with {cfg.joint_rules}; {cfg.steps} steps, {cfg.runs_per_seed()} "
               f"runs per seed (before reuse at the base depth), seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
 
-        def save(rec: dict[str, Any]) -> None:
-            path = out.with_name(f"{out.stem}_seed{rec['seed']}.json")
-            path.write_text(json.dumps(rec, indent=1))
-            print(f"wrote {path}", flush=True)
-
-        records = ld.run_depth(cfg, jobs=args.jobs, save=save)
+        records = ld.run_depth(cfg, jobs=args.jobs, save=_seed_saver(out))
         record = records[0] if len(records) == 1 else {**lt.combine(records), "kind": "depth"}
         title = f"{cfg.model}, width {cfg.width}, {cfg.steps} steps"
     ld.write_depth_report(record, out, title=title, max_shift=args.max_mup_shift)
