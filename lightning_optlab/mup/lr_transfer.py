@@ -64,17 +64,10 @@ DEFAULT_OPTIMIZERS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass
-class LRTransferConfig:
-    """One LR-transfer experiment (the ``lr_transfer:`` block of ``recipes/mup-lr-transfer.yaml``).
+class TrainingSettings:
+    """How every point of an LR-transfer experiment trains and is scored (shared by the width and
+    depth experiments): batches, warmup then cosine to ``min_lr_ratio``, the model options, held-out set."""
 
-    ``optimizers`` maps an optimizer name to ``{"log2_lrs": [...], "betas": [b1, b2], "hparams": {...}}``
-    (``betas`` and ``hparams`` optional); every grid must be evenly spaced and have ≥ 3 points.
-    """
-
-    model: str = "llama-tiny"
-    widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256])
-    base_width: Optional[int] = None
-    optimizers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEFAULT_OPTIMIZERS))
     steps: int = 150
     batch_size: int = 8
     seq_len: int = 64
@@ -86,6 +79,29 @@ class LRTransferConfig:
     qk_layernorm: bool = False
     z_loss: float = 0.0
     zero_readout: bool = True
+
+    def check_training(self, where: str) -> None:
+        """A ValueError naming ``<where>.<key>`` for a non-positive size or a warmup outside [0, 1)."""
+        for key in ("steps", "batch_size", "seq_len", "eval_batches", "eval_batch_size"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"{where}.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"{where}.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclasses.dataclass
+class LRTransferConfig(TrainingSettings):
+    """One LR-transfer experiment (the ``lr_transfer:`` block of ``recipes/mup-lr-transfer.yaml``).
+
+    ``optimizers`` maps an optimizer name to ``{"log2_lrs": [...], "betas": [b1, b2], "hparams": {...}}``
+    (``betas`` and ``hparams`` optional); every grid must be evenly spaced and have ≥ 3 points.
+    """
+
+    model: str = "llama-tiny"
+    widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256])
+    base_width: Optional[int] = None
+    optimizers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEFAULT_OPTIMIZERS))
+    steps: int = 150
     head_dim: Optional[int] = None
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
@@ -101,11 +117,7 @@ class LRTransferConfig:
         if self.base_width > self.widths[0]:
             raise ValueError(f"lr_transfer.base_width {self.base_width} is wider than the narrowest width "
                              f"{self.widths[0]}; use a base width ≤ every width")
-        for key in ("steps", "batch_size", "seq_len", "eval_batches", "eval_batch_size"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"lr_transfer.{key} must be a positive integer, got {getattr(self, key)!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"lr_transfer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        self.check_training("lr_transfer")
         check_optimizers(self.optimizers)
         self.seeds = [int(s) for s in self.seeds] or [0]
 

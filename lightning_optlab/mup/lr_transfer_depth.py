@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .depth import DEPTH_RULES, check_depth_rule
 from .lr_transfer import (
-    axis_of, best_of, check_optimizers, fitted_log2_optimum, grid_best, grid_step, model_overrides, point_loss,
+    TrainingSettings, axis_of, best_of, check_optimizers, fitted_log2_optimum, grid_best, grid_step, model_overrides, point_loss,
     summarize,
 )
 
@@ -50,7 +50,7 @@ DEPTH_OPTIMIZERS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass
-class DepthTransferConfig:
+class DepthTransferConfig(TrainingSettings):
     """The ``depth_transfer:`` block of ``recipes/mup-lr-transfer-depth.yaml``.
 
     ``joint`` is ``{"proxy": [width, depth], "target": [width, depth]}`` (None: no joint experiment);
@@ -68,16 +68,8 @@ class DepthTransferConfig:
     joint_rules: Optional[list[str]] = None
     optimizers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEPTH_OPTIMIZERS))
     steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 64
-    eval_batches: int = 4
-    eval_batch_size: int = 16
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
     qk_layernorm: bool = True
     z_loss: float = 1e-4
-    zero_readout: bool = True
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
@@ -104,9 +96,7 @@ class DepthTransferConfig:
             if self.joint_rules is None:
                 self.joint_rules = ["none"] + [r for r in self.depth_rules[-1:] if r != "none"]
             self.joint_rules = [check_depth_rule(r) for r in self.joint_rules]
-        for key in ("steps", "batch_size", "seq_len", "eval_batches", "eval_batch_size"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"depth_transfer.{key} must be a positive integer, got {getattr(self, key)!r}")
+        self.check_training("depth_transfer")
         check_optimizers(self.optimizers, where="depth_transfer")
         for name, spec in self.optimizers.items():
             if not spec.get("log2_lrs"):
