@@ -142,6 +142,10 @@ class RunSpec:
     config: dict[str, Any] = field(default_factory=dict)
     #: this run's own grid, replacing the sweep's (e.g. SGD's larger learning rates)
     grid: dict[str, list[Any]] | None = None
+    #: other seeds at chosen points of this run's grid, e.g. ``[{lr: 3.16e-3, seeds: [0, 1, 2]}]``: each
+    #: entry names a value on every axis of the grid; the points there run these seeds instead of
+    #: ``sweep.seeds`` (more seeds only where a point decides a finding)
+    seeds_at: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -194,8 +198,9 @@ class SweepSpec:
             raise ValueError(f"sweep run labels must be unique, {dupes} repeat; give each run a `label`")
         for grid in [self.grid] + [r.grid for r in self.runs if r.grid is not None]:
             _check_grid(grid)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"sweep.seeds must be a non-empty list of distinct integers, got {self.seeds!r}")
+        _check_seeds(self.seeds, "sweep.seeds")
+        for run in self.runs:
+            _check_seeds_at(run, run.grid if run.grid is not None else self.grid)
         if not (isinstance(self.tolerance, (int, float)) and self.tolerance >= 0 and math.isfinite(self.tolerance)):
             raise ValueError(f"sweep.tolerance must be a finite number ≥ 0 (nats), got {self.tolerance!r}")
         if self.metric not in ("final_val_loss", "final_train_loss"):
@@ -234,6 +239,47 @@ def _check_grid(grid: Mapping[str, Any]) -> None:
             raise ValueError("seeds are given by sweep.seeds, not as a grid axis")
 
 
+def _check_seeds(seeds: Any, where: str) -> None:
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{where} must be a non-empty list of distinct integers, got {seeds!r}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _check_seeds_at(run: RunSpec, grid: Mapping[str, list[Any]]) -> None:
+    where = f"run {run.label!r} seeds_at"
+    if not isinstance(run.seeds_at, list):
+        raise ValueError(f"{where} must be a list like [{{lr: 3.16e-3, seeds: [0, 1, 2]}}], got {run.seeds_at!r}")
+    seen: list[dict[str, Any]] = []
+    for entry in run.seeds_at:
+        if not isinstance(entry, Mapping) or "seeds" not in entry:
+            raise ValueError(f"{where}: each entry names the grid values and their seeds, "
+                             f"e.g. {{lr: 3.16e-3, seeds: [0, 1, 2]}}; got {entry!r}")
+        _check_seeds(entry["seeds"], f"{where} seeds")
+        values = {k: v for k, v in entry.items() if k != "seeds"}
+        if set(values) != set(grid):
+            raise ValueError(f"{where} entry {entry!r} must give a value for each grid axis "
+                             f"({', '.join(grid) or 'none'}), and only those")
+        for axis, value in values.items():
+            if not any(_same(value, v) for v in grid[axis]):
+                raise ValueError(f"{where}: {axis}={value!r} is not in the run's grid {grid[axis]!r}")
+        if any(all(_same(values[a], s[a]) for a in values) for s in seen):
+            raise ValueError(f"{where} names the point {values!r} twice")
+        seen.append(values)
+
+
+def _seeds_for(run: RunSpec, spec: SweepSpec, values: Mapping[str, Any]) -> list[int]:
+    for entry in run.seeds_at:
+        if all(_same(entry[a], v) for a, v in values.items()):
+            return list(entry["seeds"])
+    return list(spec.seeds)
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One run of a sweep: a run label, its axis values and a seed; ``name`` is its folder."""
@@ -265,7 +311,7 @@ def expand_points(spec: SweepSpec) -> list[SweepPoint]:
         grid = run.grid if run.grid is not None else spec.grid
         axes = list(grid)
         for combo in itertools.product(*(grid[a] for a in axes)):
-            for seed in spec.seeds:
+            for seed in _seeds_for(run, spec, dict(zip(axes, combo))):
                 points.append(SweepPoint(run.label, tuple(zip(axes, combo)), int(seed)))
     return points
 

@@ -49,6 +49,32 @@ def test_points_cover_runs_grid_and_seeds_and_set_their_values():
     assert sgd["optimizer"] == {"name": "sgd", "lr": 0.1, "betas": [0.98, 0.0]}
 
 
+def test_seeds_at_gives_chosen_points_their_own_seeds():
+    spec = SweepSpec.from_dict({
+        "grid": {"lr": [1e-3, 3.16e-3, 1e-2]}, "seeds": [0],
+        "runs": [{"label": "adam", "seeds_at": [{"lr": 3.16e-3, "seeds": [0, 1, 2]}, {"lr": 0.01, "seeds": [5]}]},
+                 {"label": "sgd", "grid": {"lr": [0.1, 0.3]}, "seeds_at": [{"lr": 0.3, "seeds": [1]}]}]})
+    names = [p.name for p in expand_points(spec)]
+    assert names == ["adam__lr=0.001__seed=0", "adam__lr=0.00316__seed=0", "adam__lr=0.00316__seed=1",
+                     "adam__lr=0.00316__seed=2", "adam__lr=0.01__seed=5", "sgd__lr=0.1__seed=0", "sgd__lr=0.3__seed=1"]
+    cfg = point_config(BASE, spec, expand_points(spec)[3])
+    assert cfg["seed_everything"] == 2 and cfg["optimizer"]["lr"] == 3.16e-3
+
+
+@pytest.mark.parametrize("seeds_at, message", [
+    ([{"lr": 3e-3}], r"names the grid values and their seeds"),
+    ([{"lr": 2e-3, "seeds": [1]}], r"lr=0.002 is not in the run's grid \[0.001, 0.003\]"),
+    ([{"seeds": [1]}], r"must give a value for each grid axis \(lr\)"),
+    ([{"lr": 3e-3, "momentum": 0.9, "seeds": [1]}], "and only those"),
+    ([{"lr": 3e-3, "seeds": [1, 1]}], "seeds_at seeds must be a non-empty list of distinct integers"),
+    ([{"lr": 3e-3, "seeds": [1]}, {"lr": 3e-3, "seeds": [2]}], "names the point"),
+    ({"lr": 3e-3, "seeds": [1]}, "must be a list like"),
+])
+def test_bad_seeds_at_is_named(seeds_at, message):
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.from_dict({"grid": {"lr": [1e-3, 3e-3]}, "runs": [{"label": "a", "seeds_at": seeds_at}]})
+
+
 def test_dotted_axes_reach_any_config_key():
     spec = SweepSpec.from_dict({"grid": {"optimizer.hparams.precondition_frequency": [1, 10]},
                                 "runs": [{"label": "soap", "optimizer": {"name": "soap", "hparams": {"x": 2}}}]})

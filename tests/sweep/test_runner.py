@@ -225,3 +225,21 @@ def test_every_executor_shows_one_progress_bar_and_a_line_per_finished_point(tmp
     assert sum("done, val loss 4.0000, train loss 4.5000" in ln for ln in lines) == 2
     assert sum("failed (" in ln and "bad point" in ln for ln in lines) == 1
     assert "sweep: 100%" in err and "3/3" in err  # the overall bar (tqdm: elapsed<remaining = ETA)
+
+
+def test_parallel_points_split_the_cores_unless_the_user_set_threads(tmp_path, monkeypatch):
+    from lightning_optlab.sweep import runner
+
+    assert runner.point_threads(2, cores=2) == 1 and runner.point_threads(2, cores=16) == 8
+    assert runner.point_threads(3, cores=2) == 1 and runner.point_threads(1, cores=4) == 4
+    seen = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"].get("OMP_NUM_THREADS")) or Done())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runner._run_subprocess(tmp_path, threads=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    runner._run_subprocess(tmp_path, threads=1)
+    assert seen == ["1", "3"]
