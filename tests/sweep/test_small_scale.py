@@ -121,6 +121,31 @@ def test_small_scale_grids_are_quarter_decades_with_three_seeds_where_they_decid
             assert abs(k - round(k)) < 0.02, (name, run.label, lr)
 
 
+#: runs that a recipe's small scale leaves out because another recipe trains the identical point:
+#: recipe -> {its label: (the other recipe, its label)}
+REUSED = {"adam_vs_signum": {"adam_b1=0.9_b2=0.95": ("lr_sweep", "adamw")}}
+
+
+def test_a_reused_run_is_the_other_recipes_point_exactly():
+    """Adam (0.9, 0.95) beside Signum is the learning-rate sweep's AdamW: the same config, point by point."""
+    for name, reused in REUSED.items():
+        base, sweep = resolve_recipe(RECIPES / f"{name}.yaml", "small")
+        tiny_spec = SweepSpec.from_dict(resolve_recipe(RECIPES / f"{name}.yaml", "tiny")[1])
+        for label, (other, other_label) in reused.items():
+            obase, osweep = resolve_recipe(RECIPES / f"{other}.yaml", "small")
+            ospec = SweepSpec.from_dict(osweep)
+            theirs = [p for p in expand_points(ospec) if p.label == other_label]
+            run = next(r for r in tiny_spec.runs if r.label == label)
+            grid = next(r.grid for r in ospec.runs if r.label == other_label)
+            # this recipe's run, named as the other's, on the other's grid, over this recipe's small base
+            spec = SweepSpec.from_dict({**sweep, "runs": [{"label": other_label, "optimizer": run.optimizer,
+                                                           "config": run.config, "grid": grid}]})
+            mine = expand_points(spec)
+            assert [p.name for p in mine] == [p.name for p in theirs]
+            for a, b in zip(mine, theirs):
+                assert point_config(base, spec, a) == point_config(obase, ospec, b), (name, label, a.name)
+
+
 def _choices(optimizer: dict) -> dict:
     """An optimizer block without what scales with the run: rates, and frozen Adalayer's freezing step."""
     hparams = {k: v for k, v in (optimizer.get("hparams") or {}).items() if k != "freeze_after"}
@@ -134,7 +159,9 @@ def test_small_scale_keeps_the_studies_choices(name):
     config, spec = _small(name)
     tiny_config, tiny_sweep = resolve_recipe(RECIPES / f"{name}.yaml", "tiny")
     tiny = {r.label: _choices(r.optimizer) for r in SweepSpec.from_dict(tiny_sweep).runs}
-    assert {r.label: _choices(r.optimizer) for r in spec.runs} == tiny
+    small = {r.label: _choices(r.optimizer) for r in spec.runs}
+    assert small == {label: tiny[label] for label in small}
+    assert set(tiny) - set(small) == set(REUSED.get(name, {})), "a run left out at small must be reused from another recipe"
     for field in ("qk_layernorm", "z_loss"):
         assert config["model"]["model"].get(field) == tiny_config["model"]["model"].get(field), field
     opt = config["optimizer"]

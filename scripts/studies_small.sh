@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The small-scale study campaign (docs/studies.md, "The small scale"): five study recipes at ~10
+# tokens per parameter, on two cores, one point per core at a time. A rerun skips finished points
+# and resumes broken ones, so an interrupted campaign continues where it stopped.
+#
+#   bash scripts/studies_small.sh            # ~2 hours on an idle 2-core machine
+#   bash scripts/studies_small.sh --report   # only rebuild the reports and docs/img/studies_small/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || bash scripts/setup.sh
+source .venv/bin/activate
+export OMP_NUM_THREADS=1  # one thread per point: two points share the two cores
+sweep() { optlab sweep "recipes/$1.yaml" --scale small "${@:2}"; }
+
+if [ "${1:-}" != "--report" ]; then
+  optlab check --config recipes/lr_sweep.yaml --scale small > /dev/null  # the corpus and the BPE, once
+  sweep lr_sweep --executor local --parallel 2
+  # two lanes, one point each at a time
+  ( sweep adam_vs_signum && sweep soap_vs_adamw_shampoo && sweep soap_precondition_frequency ) &
+  lane=$!
+  sweep adalayer_ablations
+  wait "$lane"
+fi
+for r in lr_sweep adam_vs_signum adalayer_ablations soap_vs_adamw_shampoo soap_precondition_frequency; do
+  optlab report "optlab_runs/$r-small" > /dev/null
+done
+python benchmarks/studies_small.py --runs optlab_runs --out docs/img/studies_small
