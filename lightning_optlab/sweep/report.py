@@ -64,7 +64,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]], metric: str, axes: Sequence[str
         diverged = sum(m["status"] == "diverged" or not _finite(m.get(metric)) for m in members)
         loss = math.inf if diverged else sum(float(m[metric]) for m in members) / len(members)
         entry = {"values": dict(zip(axes, values)), "loss": loss, "seeds": len(members), "diverged": diverged,
-                 "points": [m["point"] for m in members]}
+                 "points": [m["point"] for m in members],
+                 "losses": [float(m[metric]) if _finite(m.get(metric)) else math.inf for m in members]}
         for k in sorted({k for m in members for k in m if k.startswith("eval/")}):
             vals = [float(m[k]) for m in members if _finite(m.get(k))]
             entry[k] = sum(vals) / len(vals) if vals else None
@@ -98,6 +99,27 @@ def stability_range(values: Sequence[float], losses: Sequence[float], tolerance:
     return pairs[lo][0], pairs[hi][0]
 
 
+def _std(losses: Sequence[float]) -> float | None:
+    """Sample standard deviation over seeds (None for one seed or a diverged one)."""
+    if len(losses) < 2 or not all(math.isfinite(x) for x in losses):
+        return None
+    mean = sum(losses) / len(losses)
+    return math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+
+
+def _bracket(line: list[dict[str, Any]], axis: str, best: Mapping[str, Any]) -> tuple[str | None, list[float | None]]:
+    """Whether the best value lies inside the grid ("yes"), or at its "low"/"high" edge (extend the grid
+    there: the optimum may lie beyond), and the loss increase one grid value below and above the best:
+    how fast the loss degrades away from the optimum (None past an edge; inf for a diverged neighbour)."""
+    ordered = sorted(line, key=lambda e: float(e["values"][axis]))
+    if len(ordered) < 2:
+        return None, [None, None]
+    i = next(k for k, e in enumerate(ordered) if e is best)
+    where = "low" if i == 0 else "high" if i == len(ordered) - 1 else "yes"
+    away = [ordered[j]["loss"] - best["loss"] if 0 <= j < len(ordered) else None for j in (i - 1, i + 1)]
+    return where, away
+
+
 def _slice(entries: list[dict[str, Any]], axis: str, best: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The entries varying ``axis`` with every other axis at its best value."""
     others = {a: v for a, v in best.items() if a != axis}
@@ -117,7 +139,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "final_val_los
         s: dict[str, Any] = {"label": label, "optimizer": optimizer_of.get(label), "best_loss": best["loss"],
                              "best": dict(best["values"]), "points": sum(e["seeds"] for e in entries),
                              "diverged": sum(e["diverged"] for e in entries), "axis": None, "range": None,
-                             "width_decades": None,
+                             "width_decades": None, "seed_std": _std(best["losses"]), "seeds": best["seeds"],
+                             "bracketed": None, "steps_away": None,
                              "evals": {k: v for k, v in best.items() if k.startswith("eval/") and v is not None}}
         numeric = numeric_axes(rows, axes)
         if numeric and math.isfinite(best["loss"]):
@@ -125,6 +148,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "final_val_los
             line = _slice(entries, axis, best["values"])
             rng = stability_range([float(e["values"][axis]) for e in line], [e["loss"] for e in line], tolerance)
             s["axis"], s["range"] = axis, rng
+            s["bracketed"], s["steps_away"] = _bracket(line, axis, best)
             # a width in decades for log-scale axes (the learning rate); momentum's range is given as is
             if rng is not None and rng[0] > 0 and _log_axis(axis, [float(e["values"][axis]) for e in line]):
                 s["width_decades"] = math.log10(rng[1] / rng[0])
@@ -144,15 +168,21 @@ def format_table(summaries: Sequence[Mapping[str, Any]], *, metric: str, toleran
     """The markdown table: per label the best loss, where, the stability range and width, evals."""
     evals = sorted({k for s in summaries for k in s["evals"]})
     axis = next((s["axis"] for s in summaries if s["axis"]), "lr")
-    head = ["run", "optimizer", f"best {metric}", "at", f"{axis} range within {tolerance:g} of best",
-            "width (decades)", "points (diverged)"] + evals
+    head = ["run", "optimizer", f"best {metric}", "at", "bracketed", "loss one value below / above",
+            f"{axis} range within {tolerance:g} of best", "width (decades)", "points (diverged)"] + evals
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
     for s in summaries:
         finite = math.isfinite(s["best_loss"])
         at = ", ".join(f"{a}={_num(v)}" for a, v in s["best"].items()) if finite else "-"
         rng = f"[{_num(s['range'][0])}, {_num(s['range'][1])}]" if s["range"] else "-"
         width = f"{s['width_decades']:.2f}" if s["width_decades"] is not None else "-"
-        cells = [s["label"], str(s["optimizer"]), f"{s['best_loss']:.4f}" if finite else "diverged", at, rng, width,
+        loss = f"{s['best_loss']:.4f}" if finite else "diverged"
+        if finite and s.get("seed_std") is not None:
+            loss += f" ± {s['seed_std']:.4f} ({s['seeds']} seeds)"
+        bracketed = {"yes": "yes", "low": "no: lowest value", "high": "no: highest value"}.get(s.get("bracketed"), "-")
+        away = " / ".join("-" if d is None else "diverged" if not math.isfinite(d) else f"+{d:.3f}" if d >= 0
+                          else f"{d:.3f}" for d in (s.get("steps_away") or [None, None]))
+        cells = [s["label"], str(s["optimizer"]), loss, at, bracketed, away, rng, width,
                  f"{s['points']} ({s['diverged']})"] + [f"{s['evals'][k]:.4f}" if k in s["evals"] else "-" for k in evals]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

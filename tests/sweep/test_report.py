@@ -61,11 +61,16 @@ def test_report_table_cell_by_cell(tmp_path):
 
     lines = report["table"].splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["run", "optimizer", "best final_val_loss", "at", "lr range within 0.1 of best",
-                      "width (decades)", "points (diverged)", "eval/arc_easy/acc"]
+    assert header == ["run", "optimizer", "best final_val_loss", "at", "bracketed", "loss one value below / above",
+                      "lr range within 0.1 of best", "width (decades)", "points (diverged)", "eval/arc_easy/acc"]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert cells[0] == ["adamw", "adamw", "3.0500", "lr=0.003", "[0.003, 0.01]", "0.52", "6 (0)", "0.3550"]
-    assert cells[1] == ["lion", "lion", "3.2000", "lr=0.0003", "[0.0003, 0.0003]", "0.00", "6 (1)", "0.2550"]
+    # seed spread at the best point: std of (3.00, 3.10) and of (3.15, 3.25) = 0.1 / sqrt(2); one value away:
+    # adamw 3.25 - 3.05 below, 3.14 - 3.05 above; lion 3.40 - 3.20 below, diverged above
+    assert cells[0] == ["adamw", "adamw", "3.0500 ± 0.0707 (2 seeds)", "lr=0.003", "yes", "+0.200 / +0.090",
+                        "[0.003, 0.01]", "0.52", "6 (0)", "0.3550"]
+    assert cells[1] == ["lion", "lion", "3.2000 ± 0.0707 (2 seeds)", "lr=0.0003", "yes", "+0.200 / diverged",
+                        "[0.0003, 0.0003]", "0.00", "6 (1)", "0.2550"]
+    assert a["bracketed"] == "yes" and a["seed_std"] == pytest.approx(0.1 / math.sqrt(2))
     md = (tmp_path / "report.md").read_text()
     assert report["table"] in md and "within 0.1 nats" in md
     png = tmp_path / "loss_vs_lr.png"
@@ -85,7 +90,7 @@ def test_a_label_with_only_diverged_points_ranks_last(tmp_path):
     _table(tmp_path, extra=extra)
     report = build_report(tmp_path)
     last = report["table"].splitlines()[-1]
-    assert last.startswith("| sgd | sgd | diverged | - | - | - | 2 (2) |")
+    assert last.startswith("| sgd | sgd | diverged | - | - | - / - | - | - | 2 (2) |")
 
 
 def test_race_to_the_reference_loss():
@@ -109,5 +114,15 @@ def test_momentum_axis_range_without_decades_and_its_plot(tmp_path):
     by_label = {s["label"]: s for s in report["summaries"]}
     assert by_label["adamw"]["best"] == {"momentum": 0.9} and by_label["adamw"]["range"] == (0.8, 0.95)
     assert by_label["sgd"]["range"] == (0.9, 0.95) and by_label["sgd"]["width_decades"] is None
-    assert "| sgd | sgd | 3.4200 | momentum=0.95 | [0.9, 0.95] | - | 4 (0) |" in report["table"]
+    assert "| sgd | sgd | 3.4200 | momentum=0.95 | yes | +0.080 / +0.180 | [0.9, 0.95] | - | 4 (0) |" in report["table"]
+    assert by_label["adamw"]["bracketed"] == "yes" and by_label["adamw"]["seed_std"] is None  # one seed
     assert (tmp_path / "loss_vs_momentum.png").stat().st_size > 5000
+
+
+def test_an_optimum_at_the_grid_edge_is_flagged(tmp_path):
+    rows = [{"point": f"a__lr={lr}__seed=0", "label": "a", "optimizer": "adamw", "seed": 0, "lr": lr, "status": "done",
+             "final_val_loss": loss} for lr, loss in ((1e-3, 3.0), (3e-3, 3.2), (1e-2, 3.5))]
+    write_csv(tmp_path / "results.csv", rows)
+    (s,) = build_report(tmp_path)["summaries"]
+    assert s["bracketed"] == "low" and s["steps_away"] == [None, pytest.approx(0.2)]
+    assert "| no: lowest value | - / +0.200 |" in build_report(tmp_path)["table"]

@@ -208,7 +208,7 @@ def test_every_executor_shows_one_progress_bar_and_a_line_per_finished_point(tmp
 
     from lightning_optlab.sweep import runner
 
-    def fake_subprocess(d):
+    def fake_subprocess(d, threads=None):
         try:
             _fake_point(d)
         except ValueError:
