@@ -24,4 +24,4 @@ fi
 for r in lr_sweep adam_vs_signum adalayer_ablations soap_vs_adamw_shampoo soap_precondition_frequency; do
   optlab report "optlab_runs/$r-small" > /dev/null
 done
-python benchmarks/studies_small.py --runs optlab_runs --out docs/img/studies_small
+python scripts/studies_findings.py --runs optlab_runs --out docs/img/studies_small

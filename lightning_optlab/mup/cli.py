@@ -7,6 +7,7 @@ with the reason on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                         "recipes/mup-lr-transfer-depth.yaml: the transfer across depth per depth rule)")
     x.add_argument("--depth-rules", nargs="+", default=None, choices=["none", "depth_mup", "completep"],
                    help="override the depth experiment's rules")
+    x.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
+                   help="run only these of the recipe's optimizers (e.g. --optimizers sophia)")
     x.add_argument("--max-mup-shift", type=float, default=1.0,
                    help="verdict threshold: μP's fitted optimum may move this many grid steps (default 1)")
     x.add_argument("--out", default="mup_lr_transfer.png",
@@ -289,6 +292,7 @@ def _lr_transfer(args: argparse.Namespace) -> int:
             cfg = lt.load_config(args.config, **overrides)
         else:
             cfg = lt.LRTransferConfig(**{k: v for k, v in overrides.items() if v is not None})
+        cfg = _only_optimizers(cfg, args.optimizers)
         print(f"{cfg.model}: widths {cfg.widths} (μP base {cfg.base_width}), {cfg.steps} steps, "
               f"{cfg.runs_per_seed()} runs per seed, seeds {cfg.seeds}, {args.jobs} at a time", flush=True)
 
@@ -297,6 +301,17 @@ def _lr_transfer(args: argparse.Namespace) -> int:
         title = f"{cfg.model}, {cfg.steps} steps"
     lt.write_report(record, out, title=title, max_mup_shift=args.max_mup_shift)
     return 0
+
+
+def _only_optimizers(cfg: Any, names: list[str] | None) -> Any:
+    """``cfg`` with only the named optimizers of its grid (``--optimizers``), in the order given."""
+    if not names:
+        return cfg
+    missing = [n for n in names if n not in cfg.optimizers]
+    if missing:
+        raise ValueError(f"--optimizers {' '.join(missing)}: not among the recipe's optimizers "
+                         f"({', '.join(cfg.optimizers)}); add a grid for it under the recipe's optimizers")
+    return dataclasses.replace(cfg, optimizers={n: cfg.optimizers[n] for n in names})
 
 
 def _lr_transfer_depth(args: argparse.Namespace, out: Path, *, runs: list | None = None, block: Any = None) -> int:
@@ -314,7 +329,8 @@ def _lr_transfer_depth(args: argparse.Namespace, out: Path, *, runs: list | None
             raise ValueError(f"--widths {args.widths}: the depth experiment runs at one width; give one value")
         overrides = {"seeds": args.seeds, "steps": args.steps, "depths": args.depths, "depth_rules": args.depth_rules,
                      "width": args.widths[0] if args.widths else None, "base_width": args.base_width}
-        cfg = ld.load_depth_config(block or {}, where=args.config or "defaults", **overrides)
+        cfg = _only_optimizers(ld.load_depth_config(block or {}, where=args.config or "defaults", **overrides),
+                               args.optimizers)
         print(f"{cfg.model}: width {cfg.width}, depths {cfg.depths} (base depth {cfg.base_depth}), rules "
               f"{cfg.depth_rules}; joint {cfg.joint} with {cfg.joint_rules}; {cfg.steps} steps, {cfg.runs_per_seed()} "
               f"runs per seed (before reuse at the base depth), seeds {cfg.seeds}, {args.jobs} at a time", flush=True)

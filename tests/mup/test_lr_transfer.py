@@ -101,9 +101,23 @@ def test_config_errors_name_the_bad_value(tmp_path):
 def test_the_shipped_recipe_loads():
     cfg = lt.load_config(RECIPE)
     assert cfg.widths == [32, 64, 128, 256] and cfg.base_width == 32 and len(cfg.seeds) >= 3
-    assert set(cfg.optimizers) >= {"adamw", "lion"}
+    assert set(cfg.optimizers) >= {"adamw", "lion", "sophia"}
     assert all(len(spec["log2_lrs"]) >= 5 for spec in cfg.optimizers.values())
     assert lt.load_config(RECIPE, steps=7, seeds=[9]).steps == 7
+
+
+def test_cli_runs_only_the_optimizers_asked_for(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "lr_transfer:\n  widths: [16, 32]\n  base_width: 16\n  steps: 2\n  batch_size: 2\n  seq_len: 16\n"
+        "  eval_batches: 1\n  eval_batch_size: 2\n  seeds: [0]\n"
+        "  optimizers:\n    lion:\n      log2_lrs: [-10, -8, -6]\n    adamw:\n      log2_lrs: [-8, -6, -4]\n"
+    )
+    out = tmp_path / "lt.png"
+    assert main(["lr-transfer", "--config", str(recipe), "--optimizers", "adamw", "--out", str(out)]) == 0
+    assert set(json.loads(out.with_suffix(".json").read_text())["results"]) == {"adamw/mup", "adamw/sp"}
+    assert main(["lr-transfer", "--config", str(recipe), "--optimizers", "sophia", "--out", str(out)]) == 2
+    assert "--optimizers sophia: not among the recipe's optimizers (lion, adamw)" in capsys.readouterr().err
 
 
 def test_cli_runs_seeds_writes_jsons_and_plot_and_pools_them(tmp_path, capsys):

@@ -1,0 +1,259 @@
+"""The findings table of the small-scale study campaign (docs/studies.md), from the sweeps' results.
+
+Reads ``<runs>/<recipe>-small/results.csv`` for the five recipes the campaign runs, rebuilds each
+sweep's report (``optlab report``'s tables and figures), and writes into ``--out``:
+
+* ``<recipe>.csv``: the sweep's results table, as committed evidence;
+* ``<recipe>_loss_vs_lr.png`` (or ``_loss_vs_<axis>.png``) and ``<recipe>_curves.png``: its figures;
+* ``findings.json``: per finding (R1-R6) the numbers it rests on and its verdict;
+* ``findings.md``: the same as a markdown table.
+
+Verdicts follow fixed rules, stated in ``RULES`` and printed in the table, so that a rerun on other
+hardware or more seeds is judged the same way:
+
+* "comparable" means within ``TOL`` nats (the sweeps' own tolerance, 0.1) of each other;
+* a comparison is only made at optima the grid brackets (best value inside the grid); otherwise
+  "cannot tell" (extend the grid);
+* a gap smaller than twice the seed spread measured in the same recipe is "within the seed spread".
+
+    python scripts/studies_findings.py --runs optlab_runs --out docs/img/studies_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lightning_optlab.sweep import build_report, read_csv
+
+TOL = 0.1  # nats: the sweeps' tolerance; "comparable" within it
+RECIPES = ("lr_sweep", "adam_vs_signum", "adalayer_ablations", "soap_vs_adamw_shampoo", "soap_precondition_frequency")
+ADAPTIVE = ("adamw", "adafactor", "lion", "signum", "sophia")
+RULES = (f"comparable = best losses within {TOL} nats; only optima inside their grids are compared (else: cannot "
+         "tell); a difference under twice the seed spread of the same recipe is within noise")
+
+
+def _load(runs: Path, recipe: str) -> dict[str, Any] | None:
+    folder = runs / f"{recipe}-small"
+    if not (folder / "results.csv").exists():
+        return None
+    report = build_report(folder)
+    rows = read_csv(folder / "results.csv")
+    summaries = {s["label"]: s for s in report["summaries"]}
+    done = [r for r in rows if r.get("status") in ("done", "diverged")]
+    return {"folder": folder, "rows": rows, "summaries": summaries, "race": report["race"], "files": report["files"],
+            "done": len(done), "total": len(rows)}
+
+
+def _spread(study: dict[str, Any]) -> float | None:
+    """The largest seed standard deviation at any run's best point of the recipe (None: one seed only)."""
+    stds = [s["seed_std"] for s in study["summaries"].values() if s.get("seed_std") is not None]
+    return max(stds) if stds else None
+
+
+def _best(study: dict[str, Any] | None, label: str) -> dict[str, Any] | None:
+    if study is None or label not in study["summaries"]:
+        return None
+    s = study["summaries"][label]
+    return {"label": label, "loss": s["best_loss"], "at": s["best"], "bracketed": s["bracketed"],
+            "seed_std": s["seed_std"], "seeds": s["seeds"], "width_decades": s["width_decades"],
+            "steps_away": s["steps_away"]}
+
+
+def _bracketed(*entries: dict[str, Any] | None) -> bool:
+    return all(e is not None and e["bracketed"] in ("yes", None) and math.isfinite(e["loss"]) for e in entries)
+
+
+def _noise(study: dict[str, Any] | None) -> float:
+    spread = _spread(study) if study is not None else None
+    return 2 * spread if spread is not None else 0.0
+
+
+def _r1(lr: dict[str, Any] | None) -> dict[str, Any]:
+    rows = [_best(lr, label) for label in (*ADAPTIVE, "sgd")]
+    if lr is None or any(r is None for r in rows):
+        return {"verdict": "cannot tell", "why": "lr_sweep has not run every optimizer", "rows": rows}
+    adaptive, sgd = rows[:-1], rows[-1]
+    losses = [r["loss"] for r in adaptive]
+    spread = max(losses) - min(losses)
+    gap = sgd["loss"] - max(losses)
+    widths = [r["width_decades"] for r in adaptive]
+    out = {"rows": rows, "adaptive_spread": spread, "sgd_gap_to_worst_adaptive": gap,
+           "adaptive_widths": widths, "sgd_width": sgd["width_decades"]}
+    if not _bracketed(*adaptive):
+        out.update(verdict="cannot tell", why="an adaptive optimizer's optimum is at the edge of its grid")
+    elif spread <= max(TOL, _noise(lr)) and gap > TOL:
+        out.update(verdict="holds", why=f"adaptive best losses within {spread:.3f} nats; SGD {gap:.3f} worse than the "
+                                         "worst of them")
+    else:
+        out.update(verdict="does not hold", why=f"adaptive spread {spread:.3f} nats, SGD gap {gap:.3f}")
+    return out
+
+
+def _r2(lr: dict[str, Any] | None, avs: dict[str, Any] | None) -> dict[str, Any]:
+    adam_eq = _best(avs, "adam_b1=b2=0.95")
+    signum_eq = _best(avs, "signum_b=0.95")
+    adam = _best(lr, "adamw")  # Adam (0.9, 0.95): the learning-rate sweep's identical point
+    signum = _best(lr, "signum")  # Signum at beta 0.9
+    rows = [adam_eq, signum_eq, adam, signum]
+    if any(r is None for r in rows):
+        return {"verdict": "cannot tell", "why": "a run has not finished", "rows": rows}
+    gap_eq = signum_eq["loss"] - adam_eq["loss"]
+    gap_std = signum["loss"] - adam["loss"]
+    out = {"rows": rows, "signum_minus_adam_at_b1_eq_b2": gap_eq, "signum_minus_adam_at_0.9_0.95": gap_std}
+    if not _bracketed(*rows):
+        out.update(verdict="cannot tell", why="an optimum is at the edge of its grid")
+    elif abs(gap_eq) <= TOL and abs(gap_eq) <= abs(gap_std):
+        out.update(verdict="holds", why=f"Signum - Adam: {gap_eq:+.3f} at beta1 = beta2, {gap_std:+.3f} at (0.9, 0.95)")
+    else:
+        out.update(verdict="does not hold",
+                   why=f"Signum - Adam: {gap_eq:+.3f} at beta1 = beta2, {gap_std:+.3f} at (0.9, 0.95)")
+    return out
+
+
+def _r3(ada: dict[str, Any] | None) -> dict[str, Any]:
+    labels = ("adamw", "adalayer", "adalayer_frozen", "sgd", "sgd+adalayer(readout)", "sgd+adalayer(readout+norm)")
+    rows = [_best(ada, label) for label in labels]
+    if any(r is None for r in rows):
+        return {"verdict": "cannot tell", "why": "a run has not finished", "rows": rows}
+    adamw, adalayer, frozen, sgd, ro, ro_norm = rows
+    gaps = {r["label"]: r["loss"] - adamw["loss"] for r in rows[1:]}
+    out = {"rows": rows, "gap_to_adamw": gaps}
+    if not _bracketed(adalayer, frozen, ro, ro_norm):
+        out.update(verdict="cannot tell", why="an optimum is at the edge of its grid")
+        return out
+    parts = {"adalayer recovers AdamW": gaps["adalayer"] <= TOL,
+             "frozen Adalayer trains (within the tolerance of Adalayer)": frozen["loss"] - adalayer["loss"] <= TOL,
+             "readout + norm closes the gap": gaps["sgd+adalayer(readout+norm)"] <= TOL,
+             "readout alone does not": gaps["sgd+adalayer(readout)"] > TOL}
+    out["parts"] = parts
+    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
+    out["why"] = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in parts.items())
+    return out
+
+
+def _r4(soap: dict[str, Any] | None) -> dict[str, Any]:
+    rows = [_best(soap, label) for label in ("adamw", "soap", "shampoo")]
+    if any(r is None for r in rows):
+        return {"verdict": "cannot tell", "why": "a run has not finished", "rows": rows}
+    race = soap["race"]
+    out = {"rows": rows, "race": race}
+    if not _bracketed(*rows):
+        out.update(verdict="cannot tell", why="an optimum is at the edge of its grid")
+        return out
+    soap_r, sham_r = race.get("soap", {}), race.get("shampoo", {})
+    steps, secs = soap_r.get("step_ratio"), soap_r.get("seconds_ratio")
+    parts = {"SOAP reaches AdamW's final loss in fewer steps": steps is not None and steps < 1,
+             "and in less wall-clock": secs is not None and secs < 1,
+             "SOAP ends below Shampoo": rows[1]["loss"] < rows[2]["loss"],
+             "fewer steps than Shampoo": steps is not None and (sham_r.get("step_ratio") is None
+                                                                 or steps < sham_r["step_ratio"])}
+    out["parts"] = parts
+    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
+    out["why"] = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in parts.items())
+    return out
+
+
+def _r4b(freq: dict[str, Any] | None) -> dict[str, Any]:
+    if freq is None:
+        return {"verdict": "cannot tell", "why": "soap_precondition_frequency has not run", "rows": []}
+    axis = "precondition_frequency"
+    by: dict[str, dict[int, float]] = {}
+    for r in freq["rows"]:
+        if r.get("status") == "done":
+            by.setdefault(r["label"], {})[int(r[f"optimizer.hparams.{axis}"] if f"optimizer.hparams.{axis}" in r
+                                               else r[axis])] = float(r["final_val_loss"])
+    if not all(len(by.get(k, {})) >= 2 for k in ("soap", "shampoo")):
+        return {"verdict": "cannot tell", "why": "a frequency has not finished", "losses": by}
+    lo, hi = min(by["soap"]), max(by["soap"])
+    deg = {k: by[k][hi] - by[k][lo] for k in ("soap", "shampoo")}
+    out = {"losses": by, "degradation": deg, "from": lo, "to": hi}
+    holds = deg["soap"] < deg["shampoo"]
+    out["verdict"] = "holds" if holds else "does not hold"
+    out["why"] = f"loss change from f={lo} to f={hi}: SOAP {deg['soap']:+.3f}, Shampoo {deg['shampoo']:+.3f}"
+    return out
+
+
+def _r6(lr: dict[str, Any] | None) -> dict[str, Any]:
+    labels = ("adamw", "lion", "sophia")
+    rows = [_best(lr, label) for label in labels]
+    if lr is None or any(r is None for r in rows):
+        return {"verdict": "cannot tell", "why": "lr_sweep has not run AdamW, Lion and Sophia", "rows": rows}
+    step_s: dict[str, float] = {}
+    for label in labels:  # training seconds per step, median over the run's points (one thread each)
+        per = sorted(float(r["train_seconds"]) / float(r["steps"]) for r in lr["rows"]
+                     if r["label"] == label and r.get("status") == "done" and r.get("train_seconds")
+                     and not r.get("resumed_from_step"))
+        if per:
+            step_s[label] = per[len(per) // 2]
+    out = {"rows": rows, "seconds_per_step": step_s}
+    fastest = min(step_s, key=step_s.get) if len(step_s) == 3 else None
+    lowest = min(rows, key=lambda r: r["loss"])["label"]
+    parts = {"Lion fastest per step": fastest == "lion",
+             "Sophia lowest loss": lowest == "sophia" and _bracketed(*rows)}
+    out["parts"] = parts
+    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
+    out["why"] = (f"seconds per step {', '.join(f'{k} {v:.3f}' for k, v in step_s.items())}; lowest loss: {lowest}; "
+                  "downstream accuracy cannot be told at 0.3M parameters (chance level)")
+    return out
+
+
+def findings(runs: Path) -> dict[str, Any]:
+    studies = {name: _load(runs, name) for name in RECIPES}
+    lr, avs, ada = studies["lr_sweep"], studies["adam_vs_signum"], studies["adalayer_ablations"]
+    soap, freq = studies["soap_vs_adamw_shampoo"], studies["soap_precondition_frequency"]
+    return {
+        "rules": RULES,
+        "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
+        "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
+        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada), "R4": _r4(soap), "R4b": _r4b(freq),
+        "R5": {"verdict": "cannot tell", "why": "not run at the small scale (see docs/mup.md for the tiny-scale "
+                                                 "width and depth transfer)"},
+        "R6": _r6(lr),
+    }, studies
+
+
+TITLES = {"R1": "all but SGD comparable in best loss and LR stability", "R2": "Signum ≈ Adam, closest at β1 = β2",
+          "R3": "Adalayer: last layer + LayerNorm needed, last layer alone not enough; frozen Adalayer trains",
+          "R4": "SOAP fewer steps than AdamW and Shampoo, and less wall-clock",
+          "R4b": "SOAP degrades less than Shampoo at infrequent preconditioning",
+          "R5": "μP transfer for AdamW, Lion, Sophia", "R6": "Lion fastest, Sophia lowest loss, AdamW best downstream"}
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = ["| finding | verdict | evidence |", "|---|---|---|"]
+    for key, title in TITLES.items():
+        f = result[key]
+        lines.append(f"| {key}: {title} | **{f['verdict']}** | {f.get('why', '')} |")
+    lines += ["", f"Rules: {result['rules']}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="optlab_runs", help="folder holding <recipe>-small sweep folders")
+    p.add_argument("--out", default="docs/img/studies_small", help="where the tables, figures and findings go")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result, studies = findings(Path(args.runs))
+    for name, study in studies.items():
+        if study is None:
+            continue
+        shutil.copy(study["folder"] / "results.csv", out / f"{name}.csv")
+        for f in study["files"]:
+            if f.suffix == ".png":
+                stem = "curves" if f.stem == "loss_curves" else f.stem
+                shutil.copy(f, out / f"{name}_{stem}.png")
+    (out / "findings.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "findings.md").write_text(to_markdown(result) + "\n")
+    print(to_markdown(result))
+    print("progress (done, total):", result["progress"])
+
+
+if __name__ == "__main__":
+    main()
