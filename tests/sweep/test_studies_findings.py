@@ -1,0 +1,115 @@
+"""scripts/studies_findings.py: the findings table's verdicts, on hand-made sweep tables."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_optlab.sweep import write_csv
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "studies_findings.py"
+
+
+@pytest.fixture(scope="module")
+def sf():
+    spec = importlib.util.spec_from_file_location("studies_findings", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweep(runs: Path, recipe: str, points: list[tuple], axis: str = "lr", tolerance: float = 0.1) -> None:
+    """points: (label, axis value, seed, final val loss[, train seconds per step])."""
+    rows = []
+    for label, value, seed, loss, *sps in points:
+        rows.append({"point": f"{label}__{axis.split('.')[-1]}={value}__seed={seed}", "label": label,
+                     "optimizer": label.split("_")[0], "seed": seed, axis: value, "status": "done",
+                     "final_train_loss": loss, "final_val_loss": loss, "steps": 100, "tokens": 100,
+                     "train_seconds": 100 * sps[0] if sps else 10.0})
+    folder = runs / f"{recipe}-small"
+    folder.mkdir(parents=True)
+    write_csv(folder / "results.csv", rows)
+    (folder / "sweep.json").write_text(json.dumps({"tolerance": tolerance}))
+
+
+def _v(label: str, lrs: list[float], losses: list[float], sps: float = 0.1, seed: int = 0) -> list[tuple]:
+    return [(label, lr, seed, loss, sps) for lr, loss in zip(lrs, losses)]
+
+
+LRS = [1e-3, 1.78e-3, 3.16e-3]
+
+
+def test_r1_r2_r6_from_the_lr_sweep_and_adam_vs_signum(tmp_path, sf):
+    pts = (_v("adamw", LRS, [3.1, 3.0, 3.2], 0.13) + _v("adafactor", LRS, [3.1, 3.05, 3.3], 0.14)
+           + _v("lion", LRS, [3.2, 3.04, 3.3], 0.11) + _v("signum", LRS, [3.3, 3.06, 3.1], 0.12)
+           + _v("sophia", LRS, [3.2, 2.98, 3.0], 0.15) + _v("sgd", [1e-2, 1.78e-2, 3.16e-2], [3.9, 3.6, 3.7]))
+    _sweep(tmp_path, "lr_sweep", pts)
+    _sweep(tmp_path, "adam_vs_signum", _v("adam_b1=b2=0.95", LRS, [3.2, 3.02, 3.1])
+           + _v("signum_b=0.95", LRS, [3.2, 3.05, 3.1]))
+    result, _ = sf.findings(tmp_path)
+    r1 = result["R1"]
+    assert r1["verdict"] == "holds" and r1["adaptive_spread"] == pytest.approx(0.08)  # 3.06 - 2.98
+    assert r1["sgd_gap_to_worst_adaptive"] == pytest.approx(0.54)
+    r2 = result["R2"]  # Signum - Adam: +0.03 at beta1 = beta2, +0.06 at (0.9, 0.95)
+    assert r2["verdict"] == "holds" and r2["signum_minus_adam_at_b1_eq_b2"] == pytest.approx(0.03)
+    assert r2["signum_minus_adam_at_0.9_0.95"] == pytest.approx(0.06)
+    r6 = result["R6"]  # Lion has the cheapest step, Sophia the lowest loss
+    assert r6["verdict"] == "holds" and r6["seconds_per_step"]["lion"] == pytest.approx(0.11)
+    for key in ("R3", "R4", "R4b", "R5"):
+        assert result[key]["verdict"] == "cannot tell"
+
+
+def test_an_unbracketed_optimum_is_cannot_tell_and_a_wide_spread_does_not_hold(tmp_path, sf):
+    base = (_v("adafactor", LRS, [3.1, 3.05, 3.3]) + _v("lion", LRS, [3.2, 3.04, 3.3])
+            + _v("signum", LRS, [3.3, 3.06, 3.1]) + _v("sophia", LRS, [3.2, 2.98, 3.0])
+            + _v("sgd", [1e-2, 1.78e-2, 3.16e-2], [3.9, 3.6, 3.7]))
+    _sweep(tmp_path / "a", "lr_sweep", base + _v("adamw", LRS, [2.9, 3.0, 3.2]))  # best at the lowest rate
+    assert sf.findings(tmp_path / "a")[0]["R1"]["verdict"] == "cannot tell"
+    _sweep(tmp_path / "b", "lr_sweep", base + _v("adamw", LRS, [3.5, 3.4, 3.6]))  # 0.42 behind Sophia
+    assert sf.findings(tmp_path / "b")[0]["R1"]["verdict"] == "does not hold"
+
+
+def test_r3_r4_r4b(tmp_path, sf):
+    sgd_lrs = [1.78e-2, 3.16e-2, 5.62e-2]
+    _sweep(tmp_path, "adalayer_ablations", [("adamw", 3.16e-3, 0, 3.0), ("sgd", 3.16e-2, 0, 3.6)]
+           + _v("adalayer", LRS, [3.2, 3.05, 3.1]) + _v("adalayer_frozen", LRS, [3.2, 3.1, 3.15])
+           + _v("sgd+adalayer(readout)", sgd_lrs, [3.5, 3.4, 3.45])
+           + _v("sgd+adalayer(readout+norm)", sgd_lrs, [3.2, 3.08, 3.15]))
+    _sweep(tmp_path, "soap_precondition_frequency",
+           [("soap", 10, 0, 3.0), ("soap", 100, 0, 3.05), ("shampoo", 10, 0, 3.1), ("shampoo", 100, 0, 3.3)],
+           axis="optimizer.hparams.precondition_frequency")
+    result, _ = sf.findings(tmp_path)
+    r3 = result["R3"]
+    assert r3["verdict"] == "holds" and r3["gap_to_adamw"]["sgd+adalayer(readout)"] == pytest.approx(0.4)
+    r4b = result["R4b"]
+    assert r4b["verdict"] == "holds" and r4b["degradation"] == pytest.approx({"soap": 0.05, "shampoo": 0.2})
+    assert result["R4"]["verdict"] == "cannot tell"  # the SOAP study has not run
+
+
+def test_the_script_writes_tables_figures_and_findings(tmp_path, sf, monkeypatch):
+    _sweep(tmp_path / "runs", "lr_sweep", _v("adamw", LRS, [3.1, 3.0, 3.2]))
+    monkeypatch.setattr("sys.argv", ["x", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    sf.main()
+    out = tmp_path / "out"
+    assert (out / "lr_sweep.csv").exists() and (out / "lr_sweep_loss_vs_lr.png").stat().st_size > 5000
+    assert "| R1: all but SGD comparable" in (out / "findings.md").read_text()
+    assert json.loads((out / "findings.json").read_text())["progress"]["lr_sweep"] == [3, 3]
+
+
+def test_r4_reads_the_race_to_adamws_final_loss(sf):
+    def summary(label, loss):
+        return {"label": label, "best_loss": loss, "best": {"lr": 1e-2}, "bracketed": "yes", "seed_std": None,
+                "seeds": 1, "width_decades": 0.25, "steps_away": [0.1, 0.1]}
+
+    study = {"summaries": {k: summary(k, v) for k, v in (("adamw", 3.1), ("soap", 3.0), ("shampoo", 3.05))},
+             "race": {"adamw": {"step_ratio": 1.0, "seconds_ratio": 1.0},
+                      "soap": {"step_ratio": 0.7, "seconds_ratio": 0.8},
+                      "shampoo": {"step_ratio": 0.8, "seconds_ratio": 1.1}}}
+    r4 = sf._r4(study)
+    assert r4["verdict"] == "holds" and all(r4["parts"].values())
+    study["race"]["soap"]["seconds_ratio"] = 1.2  # fewer steps, but slower in wall-clock
+    r4 = sf._r4(study)
+    assert r4["verdict"] == "partly" and r4["parts"] == {
+        "SOAP reaches AdamW's final loss in fewer steps": True, "and in less wall-clock": False,
+        "SOAP ends below Shampoo": True, "fewer steps than Shampoo": True}
