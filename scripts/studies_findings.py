@@ -158,22 +158,29 @@ def _r4(soap: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _r4b(freq: dict[str, Any] | None) -> dict[str, Any]:
-    if freq is None:
-        return {"verdict": "cannot tell", "why": "soap_precondition_frequency has not run", "rows": []}
-    axis = "precondition_frequency"
+#: the f = 10 baseline of the frequency study: the SOAP study's point at the frequency study's rate
+#: (the same run but for f; tests/sweep/test_small_scale.py checks it)
+FREQUENCY_BASELINE = {"soap": "soap__lr=0.01__seed=0", "shampoo": "shampoo__lr=0.0316__seed=0"}
+
+
+def _r4b(freq: dict[str, Any] | None, soap: dict[str, Any] | None) -> dict[str, Any]:
+    if freq is None or soap is None:
+        return {"verdict": "cannot tell", "why": "the frequency study or the SOAP study has not run", "rows": []}
     by: dict[str, dict[int, float]] = {}
     for r in freq["rows"]:
         if r.get("status") == "done":
-            by.setdefault(r["label"], {})[int(r[f"optimizer.hparams.{axis}"] if f"optimizer.hparams.{axis}" in r
-                                               else r[axis])] = float(r["final_val_loss"])
+            f = r.get("optimizer.hparams.precondition_frequency", r.get("precondition_frequency"))
+            by.setdefault(r["label"], {})[int(f)] = float(r["final_val_loss"])
+    for label, point in FREQUENCY_BASELINE.items():
+        row = next((r for r in soap["rows"] if r["point"] == point and r.get("status") == "done"), None)
+        if row is not None:
+            by.setdefault(label, {})[10] = float(row["final_val_loss"])
     if not all(len(by.get(k, {})) >= 2 for k in ("soap", "shampoo")):
         return {"verdict": "cannot tell", "why": "a frequency has not finished", "losses": by}
     lo, hi = min(by["soap"]), max(by["soap"])
     deg = {k: by[k][hi] - by[k][lo] for k in ("soap", "shampoo")}
     out = {"losses": by, "degradation": deg, "from": lo, "to": hi}
-    holds = deg["soap"] < deg["shampoo"]
-    out["verdict"] = "holds" if holds else "does not hold"
+    out["verdict"] = "holds" if deg["soap"] < deg["shampoo"] else "does not hold"
     out["why"] = f"loss change from f={lo} to f={hi}: SOAP {deg['soap']:+.3f}, Shampoo {deg['shampoo']:+.3f}"
     return out
 
@@ -210,7 +217,7 @@ def findings(runs: Path) -> dict[str, Any]:
         "rules": RULES,
         "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
-        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada), "R4": _r4(soap), "R4b": _r4b(freq),
+        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada), "R4": _r4(soap), "R4b": _r4b(freq, soap),
         "R5": {"verdict": "cannot tell", "why": "not run at the small scale (see docs/mup.md for the tiny-scale "
                                                  "width and depth transfer)"},
         "R6": _r6(lr),

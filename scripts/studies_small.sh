@@ -15,10 +15,10 @@ sweep() { optlab sweep "recipes/$1.yaml" --scale small "${@:2}"; }
 if [ "${1:-}" != "--report" ]; then
   optlab check --config recipes/lr_sweep.yaml --scale small > /dev/null  # the corpus and the BPE, once
   sweep lr_sweep --executor local --parallel 2
-  # two lanes, one point each at a time
+  # then two lanes, one point each at a time
   ( sweep adam_vs_signum; sweep soap_vs_adamw_shampoo ) &
   lane=$!
-  sweep adalayer_ablations; sweep soap_precondition_frequency
+  sweep adalayer_ablations; sweep soap_precondition_frequency  # its f = 10 baseline is the SOAP study's point
   wait "$lane"
 fi
 for r in lr_sweep adam_vs_signum adalayer_ablations soap_vs_adamw_shampoo soap_precondition_frequency; do

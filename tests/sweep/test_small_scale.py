@@ -115,7 +115,7 @@ def test_small_scale_grids_are_quarter_decades_with_three_seeds_where_they_decid
             assert len(k) == 1 or len(k) >= 3, (name, run.label, grid["lr"])
             assert all(abs(b - a - 1) < 0.02 for a, b in zip(k, k[1:])), (name, run.label, grid["lr"])
         else:  # a fixed rate (momentum, frequency): a point of the same lattice, 2+ values on the axis
-            assert all(len(values) >= 2 for values in grid.values()), (name, run.label, grid)
+            assert all(len(values) >= 2 for values in grid.values()) or name in FREQUENCY_BASELINE, (name, run.label)
             lr = run.optimizer.get("lr", config["optimizer"]["lr"])
             (k,) = _quarter_decades([lr])
             assert abs(k - round(k)) < 0.02, (name, run.label, lr)
@@ -144,6 +144,27 @@ def test_a_reused_run_is_the_other_recipes_point_exactly():
             assert [p.name for p in mine] == [p.name for p in theirs]
             for a, b in zip(mine, theirs):
                 assert point_config(base, spec, a) == point_config(obase, ospec, b), (name, label, a.name)
+
+
+#: the precondition-frequency study's small scale runs f = 100 only; its f = 10 baseline is the SOAP
+#: study's point at the same rate (label -> that point), which must be the same run but for f
+FREQUENCY_BASELINE = {"soap_precondition_frequency": {"soap": "soap__lr=0.01__seed=0",
+                                                      "shampoo": "shampoo__lr=0.0316__seed=0"}}
+
+
+def test_the_frequency_baseline_is_the_soap_studys_point_but_for_the_frequency():
+    for name, baselines in FREQUENCY_BASELINE.items():
+        base, sweep = resolve_recipe(RECIPES / f"{name}.yaml", "small")
+        spec = SweepSpec.from_dict(sweep)
+        obase, osweep = resolve_recipe(RECIPES / "soap_vs_adamw_shampoo.yaml", "small")
+        ospec = SweepSpec.from_dict(osweep)
+        theirs = {p.name: p for p in expand_points(ospec)}
+        for label, point_name in baselines.items():
+            mine = next(p for p in expand_points(spec) if p.label == label)
+            cfg = point_config(base, spec, mine)
+            assert cfg["optimizer"]["hparams"]["precondition_frequency"] == 100
+            cfg["optimizer"]["hparams"]["precondition_frequency"] = 10
+            assert cfg == point_config(obase, ospec, theirs[point_name]), (label, point_name)
 
 
 def _choices(optimizer: dict) -> dict:
