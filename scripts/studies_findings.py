@@ -115,15 +115,16 @@ def _r2(lr: dict[str, Any] | None, avs: dict[str, Any] | None) -> dict[str, Any]
     return out
 
 
-def _r3(ada: dict[str, Any] | None) -> dict[str, Any]:
-    labels = ("adamw", "adalayer", "adalayer_frozen", "sgd", "sgd+adalayer(readout)", "sgd+adalayer(readout+norm)")
-    rows = [_best(ada, label) for label in labels]
+def _r3(ada: dict[str, Any] | None, lr: dict[str, Any] | None) -> dict[str, Any]:
+    # AdamW and SGD everywhere: the learning-rate sweep's points (the same runs; tests/sweep/test_small_scale.py)
+    rows = [_best(lr, "adamw")] + [_best(ada, label) for label in ("adalayer", "adalayer_frozen")] + [_best(lr, "sgd")] \
+        + [_best(ada, label) for label in ("sgd+adalayer(readout)", "sgd+adalayer(readout+norm)")]
     if any(r is None for r in rows):
         return {"verdict": "cannot tell", "why": "a run has not finished", "rows": rows}
     adamw, adalayer, frozen, sgd, ro, ro_norm = rows
     gaps = {r["label"]: r["loss"] - adamw["loss"] for r in rows[1:]}
     out = {"rows": rows, "gap_to_adamw": gaps}
-    if not _bracketed(adalayer, frozen, ro, ro_norm):
+    if not _bracketed(adamw, adalayer, ro, ro_norm):  # frozen Adalayer runs at one rate, Adalayer's
         out.update(verdict="cannot tell", why="an optimum is at the edge of its grid")
         return out
     parts = {"adalayer recovers AdamW": gaps["adalayer"] <= TOL,
@@ -217,7 +218,7 @@ def findings(runs: Path) -> dict[str, Any]:
         "rules": RULES,
         "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
-        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada), "R4": _r4(soap), "R4b": _r4b(freq, soap),
+        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap), "R4b": _r4b(freq, soap),
         "R5": {"verdict": "cannot tell", "why": "not run at the small scale (see docs/mup.md for the tiny-scale "
                                                  "width and depth transfer)"},
         "R6": _r6(lr),

@@ -123,7 +123,8 @@ def test_small_scale_grids_are_quarter_decades_with_three_seeds_where_they_decid
 
 #: runs that a recipe's small scale leaves out because another recipe trains the identical point:
 #: recipe -> {its label: (the other recipe, its label)}
-REUSED = {"adam_vs_signum": {"adam_b1=0.9_b2=0.95": ("lr_sweep", "adamw")}}
+REUSED = {"adam_vs_signum": {"adam_b1=0.9_b2=0.95": ("lr_sweep", "adamw")},
+          "adalayer_ablations": {"adamw": ("lr_sweep", "adamw"), "sgd": ("lr_sweep", "sgd")}}
 
 
 def test_a_reused_run_is_the_other_recipes_point_exactly():

@@ -72,8 +72,9 @@ def test_an_unbracketed_optimum_is_cannot_tell_and_a_wide_spread_does_not_hold(t
 
 def test_r3_r4_r4b(tmp_path, sf):
     sgd_lrs = [1.78e-2, 3.16e-2, 5.62e-2]
-    _sweep(tmp_path, "adalayer_ablations", [("adamw", 3.16e-3, 0, 3.0), ("sgd", 3.16e-2, 0, 3.6)]
-           + _v("adalayer", LRS, [3.2, 3.05, 3.1]) + _v("adalayer_frozen", LRS, [3.2, 3.1, 3.15])
+    # AdamW and SGD from the learning-rate sweep
+    _sweep(tmp_path, "lr_sweep", _v("adamw", LRS, [3.1, 3.0, 3.2]) + _v("sgd", sgd_lrs, [3.7, 3.6, 3.65]))
+    _sweep(tmp_path, "adalayer_ablations", _v("adalayer", LRS, [3.2, 3.05, 3.1]) + [("adalayer_frozen", 3.16e-3, 0, 3.1)]
            + _v("sgd+adalayer(readout)", sgd_lrs, [3.5, 3.4, 3.45])
            + _v("sgd+adalayer(readout+norm)", sgd_lrs, [3.2, 3.08, 3.15]))
     _sweep(tmp_path, "soap_precondition_frequency", [("soap", 100, 0, 3.05), ("shampoo", 100, 0, 3.3)],
