@@ -137,10 +137,11 @@ def test_a_reused_run_is_the_other_recipes_point_exactly():
             ospec = SweepSpec.from_dict(osweep)
             theirs = [p for p in expand_points(ospec) if p.label == other_label]
             run = next(r for r in tiny_spec.runs if r.label == label)
-            grid = next(r.grid for r in ospec.runs if r.label == other_label)
-            # this recipe's run, named as the other's, on the other's grid, over this recipe's small base
+            other_run = next(r for r in ospec.runs if r.label == other_label)
+            # this recipe's run, named as the other's, on the other's grid and seeds, over this recipe's small base
             spec = SweepSpec.from_dict({**sweep, "runs": [{"label": other_label, "optimizer": run.optimizer,
-                                                           "config": run.config, "grid": grid}]})
+                                                           "config": run.config, "grid": other_run.grid,
+                                                           "seeds_at": other_run.seeds_at}]})
             mine = expand_points(spec)
             assert [p.name for p in mine] == [p.name for p in theirs]
             for a, b in zip(mine, theirs):
