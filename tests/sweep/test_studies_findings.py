@@ -26,7 +26,7 @@ def _sweep(runs: Path, recipe: str, points: list[tuple], axis: str = "lr", toler
         rows.append({"point": f"{label}__{axis.split('.')[-1]}={value}__seed={seed}", "label": label,
                      "optimizer": label.split("_")[0], "seed": seed, axis: value, "status": "done",
                      "final_train_loss": loss, "final_val_loss": loss, "steps": 100, "tokens": 100,
-                     "train_seconds": 100 * sps[0] if sps else 10.0})
+                     "train_seconds": 100 * sps[0] if sps else 10.0, "optimizer_share": 0.1})
     folder = runs / f"{recipe}-small"
     folder.mkdir(parents=True)
     write_csv(folder / "results.csv", rows)
@@ -56,6 +56,7 @@ def test_r1_r2_r6_from_the_lr_sweep_and_adam_vs_signum(tmp_path, sf):
     assert r2["signum_minus_adam_at_0.9_0.95"] == pytest.approx(0.06)
     r6 = result["R6"]  # Lion has the cheapest step, Sophia the lowest loss
     assert r6["verdict"] == "holds" and r6["seconds_per_step"]["lion"] == pytest.approx(0.11)
+    assert r6["optimizer_ms_per_step"] == pytest.approx({"adamw": 13.0, "lion": 11.0, "sophia": 15.0})
     for key in ("R3", "R4", "R4b", "R5"):
         assert result[key]["verdict"] == "cannot tell"
 
