@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +188,7 @@ def _r4b(freq: dict[str, Any] | None, soap: dict[str, Any] | None) -> dict[str, 
 
 
 def _median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
+    return statistics.median(xs) if xs else None
 
 
 def _r6(lr: dict[str, Any] | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -103,8 +104,7 @@ def _std(losses: Sequence[float]) -> float | None:
     """Sample standard deviation over seeds (None for one seed or a diverged one)."""
     if len(losses) < 2 or not all(math.isfinite(x) for x in losses):
         return None
-    mean = sum(losses) / len(losses)
-    return math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+    return statistics.stdev(losses)
 
 
 def _bracket(line: list[dict[str, Any]], axis: str, best: Mapping[str, Any]) -> tuple[str | None, list[float | None]]:
