@@ -187,6 +187,9 @@ class SweepSpec:
     slurm: dict[str, Any] = field(default_factory=dict)
     #: save a resumable checkpoint every this many optimizer steps
     checkpoint_every: int = 50
+    #: other sweep folders (e.g. ``optlab_runs/lr_sweep-small``) whose finished points are taken
+    #: instead of trained again wherever a point's whole config is identical to one of theirs
+    reuse: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.runs = [r if isinstance(r, RunSpec) else RunSpec(**r) for r in self.runs]
@@ -211,6 +214,9 @@ class SweepSpec:
             raise ValueError(f"sweep.parallel must be an integer ≥ 1, got {self.parallel!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise ValueError(f"sweep.checkpoint_every must be an integer ≥ 1, got {self.checkpoint_every!r}")
+        if not (isinstance(self.reuse, list) and all(isinstance(x, str) and x for x in self.reuse)):
+            raise ValueError(f"sweep.reuse must be a list of sweep folders, e.g. [optlab_runs/lr_sweep-small], "
+                             f"got {self.reuse!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> SweepSpec:

@@ -188,17 +188,19 @@ def format_table(summaries: Sequence[Mapping[str, Any]], *, metric: str, toleran
     return "\n".join(lines)
 
 
-def format_race(races: Mapping[str, Mapping[str, Any]], reference: str) -> str:
-    """Markdown: steps and wall-clock to the reference's final training loss, and their ratios."""
+def format_race(races: Mapping[str, Mapping[str, Any]], reference: str, *, held_out: bool = False) -> str:
+    """Markdown: steps and wall-clock to the reference's final (training or validation) loss, and their ratios."""
     target = next(iter(races.values()))["target"]
-    lines = [f"Steps and training wall-clock to reach {reference}'s final training loss ({target:.4f}, "
-             "moving average of 10 steps), each run at its best point:", "",
+    what = ("validation loss (interpolated between validations)" if held_out
+            else "training loss (moving average of 10 steps)")
+    lines = [f"Steps and training wall-clock to reach {reference}'s final {what}, {target:.4f}, "
+             "each run at its best point:", "",
              "| run | steps | vs " + reference + " | seconds | vs " + reference + " |", "|---|---:|---:|---:|---:|"]
     for label, r in races.items():
         if r["step"] is None:
             lines.append(f"| {label} | not reached | - | not reached | - |")
         else:
-            lines.append(f"| {label} | {r['step']} | {r['step_ratio']:.2f}x | {r['seconds']:.1f} | {r['seconds_ratio']:.2f}x |")
+            lines.append(f"| {label} | {r['step']:.0f} | {r['step_ratio']:.2f}x | {r['seconds']:.1f} | {r['seconds_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -260,9 +262,9 @@ def _smoothed(ys: Sequence[float], window: int) -> list[float]:
     return [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
 
 
-def best_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], *,
-               smooth: int = 10) -> list[tuple[int, float, float]] | None:
-    """``(step, training seconds, smoothed training loss)`` of a label's best point (its first seed), or None."""
+def _best_point_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]],
+                      summary: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The ``curve.csv`` rows of a label's best point (its first seed), or None."""
     if not math.isfinite(summary["best_loss"]):
         return None
     point = next((r["point"] for r in rows if r["label"] == summary["label"] and r.get("status") == "done"
@@ -272,16 +274,34 @@ def best_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary:
         return None
     from .record import read_curve  # (imports Lightning: only when curves are drawn)
 
-    curve = [r for r in read_curve(path) if r["train_loss"] is not None]
+    return read_curve(path)
+
+
+def best_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], *,
+               smooth: int = 10) -> list[tuple[int, float, float]] | None:
+    """``(step, training seconds, smoothed training loss)`` of a label's best point (its first seed), or None."""
+    curve = [r for r in _best_point_curve(runs_dir, rows, summary) or [] if r["train_loss"] is not None]
     if not curve:
         return None
     avg = _smoothed([r["train_loss"] for r in curve], smooth)
     return [(int(r["step"]), float(r["train_seconds"]), a) for r, a in zip(curve, avg)]
 
 
-def race(curves: Mapping[str, list[tuple[int, float, float]]], reference: str) -> dict[str, dict[str, Any]]:
-    """Steps and seconds each label needs to reach the reference label's final (smoothed) training loss.
+def best_val_curve(runs_dir: str | Path, rows: Sequence[Mapping[str, Any]],
+                   summary: Mapping[str, Any]) -> list[tuple[int, float, float]] | None:
+    """``(step, training seconds, validation loss)`` at each validation of a label's best point, or None."""
+    curve = [r for r in _best_point_curve(runs_dir, rows, summary) or []
+             if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    return [(int(r["step"]), float(r["train_seconds"]), float(r["val_loss"])) for r in curve] or None
 
+
+def race(curves: Mapping[str, list[tuple[int, float, float]]], reference: str, *,
+         interpolate: bool = False) -> dict[str, dict[str, Any]]:
+    """Steps and seconds each label needs to reach the reference label's final loss.
+
+    ``curves`` are ``(step, seconds, loss)``: the smoothed training loss at every step, or the
+    validation loss at each validation (then ``interpolate``: the crossing is placed linearly
+    between the two validations around it, in steps and in seconds).
     Returns ``{label: {"target", "step", "seconds", "step_ratio", "seconds_ratio"}}`` (ratios to the
     reference's own step and seconds at its end; None where a label never reaches the target).
     """
@@ -291,7 +311,15 @@ def race(curves: Mapping[str, list[tuple[int, float, float]]], reference: str) -
     target, ref_step, ref_secs = ref[-1][2], ref[-1][0], ref[-1][1]
     out = {}
     for label, curve in curves.items():
-        hit = next(((st, sec) for st, sec, loss in curve if loss <= target), None)
+        i = next((k for k, (_, _, loss) in enumerate(curve) if loss <= target), None)
+        hit = None
+        if i is not None:
+            step, secs, loss = curve[i]
+            if interpolate and i > 0 and curve[i - 1][2] > target:
+                s0, t0, l0 = curve[i - 1]
+                f = (l0 - target) / (l0 - loss)
+                step, secs = s0 + f * (step - s0), t0 + f * (secs - t0)
+            hit = (step, secs)
         out[label] = {"target": target, "step": hit[0] if hit else None, "seconds": hit[1] if hit else None,
                       "step_ratio": hit[0] / ref_step if hit and ref_step else None,
                       "seconds_ratio": hit[1] / ref_secs if hit and ref_secs else None}
@@ -356,10 +384,16 @@ def build_report(runs_dir: str | Path, *, tolerance: float | None = None, metric
         files.append(out / "loss_curves.png")
         figures.append("![loss vs steps and wall-clock](loss_curves.png)")
     reference = meta.get("reference")
-    races = race(curves, reference) if reference else {}
+    races, held_out = {}, False
+    if reference:
+        # held out where every run was validated twice or more: a corpus read in a fixed order gives training
+        # losses that dip below their final value on easy stretches, so the training race can end early
+        val_curves = {s["label"]: best_val_curve(runs, rows, s) for s in summaries if s["label"] in curves}
+        held_out = bool(val_curves) and all(c is not None and len(c) >= 2 for c in val_curves.values())
+        races = race(val_curves, reference, interpolate=True) if held_out else race(curves, reference)
     table = format_table(summaries, metric=metric, tolerance=tolerance)
     if races:
-        table += "\n\n" + format_race(races, reference)
+        table += "\n\n" + format_race(races, reference, held_out=held_out)
     unfinished = [r["point"] for r in rows if r.get("status") not in ("done", "diverged")]
     lines = [f"# {title or 'Sweep report'}: {runs.name}", "",
              f"{len(rows)} points; seeds averaged; judged by `{metric}`. Stability: the learning-rate range around "
@@ -371,7 +405,8 @@ def build_report(runs_dir: str | Path, *, tolerance: float | None = None, metric
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
     (out / "report.json").write_text(json.dumps({"metric": metric, "tolerance": tolerance, "summaries": summaries,
-                                                 "race": races},
+                                                 "race": races, "race_held_out": held_out},
                                                 indent=1, default=str))
     files += [out / "report.md", out / "report.json"]
-    return {"summaries": summaries, "files": files, "markdown": markdown, "table": table, "race": races}
+    return {"summaries": summaries, "files": files, "markdown": markdown, "table": table, "race": races,
+            "race_held_out": held_out}

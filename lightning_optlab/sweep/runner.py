@@ -9,6 +9,9 @@ A sweep folder holds ``sweep.json`` (the resolved spec) and one folder per point
 * ``result.json``: written last, atomically; its presence marks the point finished (``done`` or
   ``diverged``), so a rerun skips it.
 
+A point whose whole config is identical to a finished point of a folder in ``sweep.reuse`` is not
+trained: that point's ``result.json`` (with ``reused_from`` naming it) and ``curve.csv`` are copied.
+
 Points run one after another in this process (``executor="inline"``), as N subprocesses at a
 time (``"local"``), or as submitit jobs (``"submitit-local"`` runs them as local subprocesses,
 ``"slurm"`` submits them to SLURM). :func:`collect` gathers every point into one tidy table.
@@ -20,6 +23,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +44,7 @@ EXECUTORS = ("inline", "local", "submitit-local", "slurm")
 #: the fixed columns of the results table (axis columns and ``eval/...`` scores are added)
 RESULT_COLUMNS = ("point", "label", "optimizer", "seed", "status", "final_train_loss", "final_val_loss", "steps",
                   "tokens", "train_seconds", "elapsed_seconds", "optimizer_share", "tokens_per_sec",
-                  "diverged_step", "resumed_from_step", "error")
+                  "diverged_step", "resumed_from_step", "error", "reused_from")
 
 #: the final training loss is the mean over this fraction of the last steps (at least one step)
 _TRAIN_LOSS_TAIL = 0.1
@@ -75,6 +79,7 @@ def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, s
     _write_json(out / "sweep.json", {"scale": scale or "tiny", "spec": sweep, "axes": spec.axes(),
                                      "tolerance": spec.tolerance, "metric": spec.metric, "reference": spec.reference})
     dirs = []
+    finished_elsewhere = _finished_points(spec.reuse, exclude=out)
     for point in expand_points(spec):
         d = out / point.name
         d.mkdir(exist_ok=True)
@@ -87,8 +92,48 @@ def prepare_sweep(recipe: str | Path | Mapping[str, Any], out_dir: str | Path, s
         if point_status(d) == "pending":  # not started: (re)write; a started point keeps the config it began with
             (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             _write_json(d / "point.json", meta)
+            source = finished_elsewhere.get(_config_key(cfg))
+            if source is not None:
+                _copy_finished_point(source, d, meta)
+                print(f"{point.name}: the same config as {source} (finished there), taken from it", flush=True)
         dirs.append(d)
     return spec, dirs
+
+
+def _config_key(cfg: Mapping[str, Any]) -> str:
+    """A point's config as a canonical string, without the folder it runs in."""
+    trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k != "default_root_dir"}
+    return json.dumps({**cfg, "trainer": trainer}, sort_keys=True, default=str)
+
+
+def _finished_points(folders: Iterable[str | Path], exclude: Path) -> dict[str, Path]:
+    """Config key -> point folder, for every finished point (done or diverged) of the given sweep folders."""
+    out: dict[str, Path] = {}
+    for folder in folders:
+        f = Path(folder)
+        if f.resolve() == exclude.resolve():
+            continue
+        if not (f / "sweep.json").exists():
+            print(f"sweep.reuse: {f} is not a sweep folder (yet); its points are not reused", flush=True)
+            continue
+        for result in sorted(f.glob("*/result.json")):
+            if json.loads(result.read_text())["status"] in ("done", "diverged"):
+                cfg = yaml.safe_load((result.parent / "config.yaml").read_text())
+                out.setdefault(_config_key(cfg), result.parent)
+    return out
+
+
+def _copy_finished_point(source: Path, d: Path, meta: Mapping[str, Any]) -> None:
+    """Take another sweep's identical finished point as this one: its result (under this point's name and axis
+    values) and its loss curve; the checkpoints stay where they are."""
+    theirs = json.loads((source / "result.json").read_text())
+    their_axes = json.loads((source.parent / "sweep.json").read_text()).get("axes", [])
+    result = {k: v for k, v in theirs.items() if k not in their_axes}
+    result.update({"point": meta["point"], "label": meta["label"], "optimizer": meta["optimizer"],
+                   "seed": meta["seed"], **meta["values"], "reused_from": str(source)})
+    if (source / "curve.csv").exists():
+        shutil.copyfile(source / "curve.csv", d / "curve.csv")
+    _write_json(d / "result.json", result)
 
 
 def point_status(point_dir: str | Path) -> str:

@@ -126,3 +126,38 @@ def test_an_optimum_at_the_grid_edge_is_flagged(tmp_path):
     (s,) = build_report(tmp_path)["summaries"]
     assert s["bracketed"] == "low" and s["steps_away"] == [None, pytest.approx(0.2)]
     assert "| no: lowest value | - / +0.200 |" in build_report(tmp_path)["table"]
+
+
+def test_race_on_validations_places_the_crossing_between_them():
+    curves = {"adamw": [(100, 10.0, 4.0), (200, 20.0, 3.5), (300, 30.0, 3.2)],
+              "soap": [(100, 20.0, 3.8), (200, 40.0, 3.0), (300, 60.0, 2.9)]}
+    r = race(curves, "adamw", interpolate=True)
+    # soap crosses 3.2 a quarter of the way from 3.8 (step 100) to 3.0 (step 200): (3.8 - 3.2) / (3.8 - 3.0) = 0.75
+    assert r["soap"]["step"] == pytest.approx(175) and r["soap"]["seconds"] == pytest.approx(35.0)
+    assert r["soap"]["step_ratio"] == pytest.approx(175 / 300) and r["soap"]["seconds_ratio"] == pytest.approx(35 / 30)
+    assert r["adamw"]["step"] == 300  # its own end: reached exactly there
+    assert race(curves, "adamw")["soap"]["step"] == 200  # without interpolation: the first validation below
+
+
+def test_the_report_races_on_the_held_out_curve_when_every_run_was_validated(tmp_path):
+    """On a corpus read in a fixed order the training loss dips below the reference's final value on an easy
+    stretch; the race on validations is not fooled by it."""
+    write_csv(tmp_path / "results.csv", [
+        {"point": "adamw__lr=0.001__seed=0", "label": "adamw", "optimizer": "adamw", "seed": 0, "lr": 1e-3,
+         "status": "done", "final_val_loss": 3.2, "steps": 4},
+        {"point": "soap__lr=0.001__seed=0", "label": "soap", "optimizer": "soap", "seed": 0, "lr": 1e-3,
+         "status": "done", "final_val_loss": 3.1, "steps": 4}])
+    (tmp_path / "sweep.json").write_text(json.dumps({"reference": "adamw", "tolerance": 0.1}))
+    curves = {"adamw": [(1, 1.0, 4.0, ""), (2, 2.0, 3.6, 3.8), (3, 3.0, 3.4, ""), (4, 4.0, 3.3, 3.2)],
+              "soap": [(1, 2.0, 3.0, ""), (2, 4.0, 3.0, 3.6), (3, 6.0, 3.1, ""), (4, 8.0, 3.0, 3.1)]}
+    for label, rows in curves.items():
+        d = tmp_path / f"{label}__lr=0.001__seed=0"
+        d.mkdir()
+        (d / "curve.csv").write_text("step,train_seconds,train_loss,val_loss\n"
+                                     + "".join(f"{s},{t},{a},{v}\n" for s, t, a, v in rows))
+    report = build_report(tmp_path)
+    assert report["race_held_out"] is True
+    # validation: soap 3.6 at step 2, 3.1 at step 4 -> crosses 3.2 at 2 + 2 * 0.4 / 0.5 = 3.6 steps, 7.2 s
+    assert report["race"]["soap"]["step"] == pytest.approx(3.6) and report["race"]["soap"]["seconds"] == pytest.approx(7.2)
+    assert "final validation loss (interpolated between validations), 3.2000" in report["table"]
+    assert json.loads((tmp_path / "report.json").read_text())["race_held_out"] is True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_optlab.sweep import point_status, read_csv, run_sweep
+from lightning_optlab.sweep import SweepSpec, point_status, read_csv, run_sweep
 from lightning_optlab.sweep.record import read_curve
 
 HERE = Path(__file__).parent
@@ -243,3 +243,34 @@ def test_parallel_points_split_the_cores_unless_the_user_set_threads(tmp_path, m
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     runner._run_subprocess(tmp_path, threads=1)
     assert seen == ["1", "3"]
+
+
+def test_a_point_identical_to_another_sweeps_finished_point_is_taken_not_trained(tmp_path):
+    """`sweep.reuse`: the momentum sweep's beta1 = 0.9 point at lr 1e-3 is the learning-rate sweep's lr = 1e-3
+    point; it is copied (result under its own name and axis, curve), and the point unlike any is trained."""
+    lr_sweep = _recipe(tmp_path, [1e-3, 2e-3])
+    run_sweep(lr_sweep, tmp_path / "lr")
+    momentum = _recipe(tmp_path, [1e-3])
+    momentum["sweep"] = {"grid": {"momentum": [0.8, 0.9]}, "seeds": [0, 1], "checkpoint_every": 4,
+                         "runs": [{"label": "adamw", "optimizer": {"name": "adamw", "lr": 1e-3}}],
+                         "reuse": [str(tmp_path / "lr"), str(tmp_path / "not_yet_run")]}
+    rows = {r["point"]: r for r in run_sweep(momentum, tmp_path / "mom")}
+    theirs = json.loads((tmp_path / "lr" / "adamw__lr=0.001__seed=0" / "result.json").read_text())
+    taken = rows["adamw__momentum=0.9__seed=0"]
+    assert taken["reused_from"] == str(tmp_path / "lr" / "adamw__lr=0.001__seed=0")
+    assert taken["final_val_loss"] == theirs["final_val_loss"] and taken["momentum"] == 0.9 and "lr" not in taken
+    assert (tmp_path / "mom" / "adamw__momentum=0.9__seed=0" / "curve.csv").read_text() == \
+        (tmp_path / "lr" / "adamw__lr=0.001__seed=0" / "curve.csv").read_text()
+    assert not (tmp_path / "mom" / "adamw__momentum=0.9__seed=0" / "checkpoints").exists()
+    # another seed, or another beta1, is another config: trained here
+    for name in ("adamw__momentum=0.9__seed=1", "adamw__momentum=0.8__seed=0"):
+        assert rows[name]["status"] == "done" and not rows[name].get("reused_from"), name
+        assert (tmp_path / "mom" / name / "checkpoints").exists()
+    assert rows["adamw__momentum=0.9__seed=1"]["final_val_loss"] != taken["final_val_loss"]
+    table = read_csv(tmp_path / "mom" / "results.csv")
+    assert [r["reused_from"] is not None for r in table].count(True) == 1
+
+
+def test_sweep_reuse_must_be_a_list_of_folders():
+    with pytest.raises(ValueError, match="sweep.reuse must be a list of sweep folders"):
+        SweepSpec.from_dict({"runs": [{"optimizer": {"name": "adamw"}}], "reuse": "optlab_runs/lr_sweep-small"})
