@@ -1,11 +1,12 @@
 """The findings table of the small-scale study campaign (docs/studies.md), from the sweeps' results.
 
-Reads ``<runs>/<recipe>-small/results.csv`` for the five recipes the campaign runs, rebuilds each
-sweep's report (``optlab report``'s tables and figures), and writes into ``--out``:
+Reads ``<runs>/<recipe>-small/results.csv`` for the seven study recipes, rebuilds each sweep's
+report (``optlab report``'s tables and figures), reads the μP learning-rate transfer's combined
+JSONs (``--mup``, for R5), and writes into ``--out``:
 
 * ``<recipe>.csv``: the sweep's results table, as committed evidence;
 * ``<recipe>_loss_vs_lr.png`` (or ``_loss_vs_<axis>.png``) and ``<recipe>_curves.png``: its figures;
-* ``findings.json``: per finding (R1-R6) the numbers it rests on and its verdict;
+* ``findings.json``: per finding (R1, R1m, R2-R6) the numbers it rests on and its verdict;
 * ``findings.md``: the same as a markdown table.
 
 Verdicts follow fixed rules, stated in ``RULES`` and printed in the table, so that a rerun on other
@@ -32,7 +33,11 @@ from typing import Any
 from lightning_optlab.sweep import build_report, read_csv
 
 TOL = 0.1  # nats: the sweeps' tolerance; "comparable" within it
-RECIPES = ("lr_sweep", "adam_vs_signum", "adalayer_ablations", "soap_vs_adamw_shampoo", "soap_precondition_frequency")
+RECIPES = ("lr_sweep", "momentum_sweep", "adam_vs_signum", "adalayer_ablations", "soap_vs_adamw_shampoo",
+           "soap_precondition_frequency", "adamw_lion_sophia_budget")
+#: the μP learning-rate transfer runs R5 reads (`optlab mup lr-transfer` combined JSONs), per optimizer
+MUP_RUNS = {"adamw": "docs/img/mup_lr_transfer_qknorm_7seeds.json", "lion": "docs/img/mup_lr_transfer_qknorm_7seeds.json",
+            "sophia": "docs/img/mup_lr_transfer_sophia.json"}
 ADAPTIVE = ("adamw", "adafactor", "lion", "signum", "sophia")
 RULES = (f"comparable = best losses within {TOL} nats; only optima inside their grids are compared (else: cannot "
          "tell); a difference under twice the seed spread of the same recipe is within noise")
@@ -74,6 +79,16 @@ def _noise(study: dict[str, Any] | None) -> float:
     return 2 * spread if spread is not None else 0.0
 
 
+def _verdict(parts: dict[str, bool | None]) -> tuple[str, str]:
+    """holds (every part yes), does not hold (every part no), partly, or cannot tell (no part decidable);
+    a part that is None cannot be told (e.g. an optimum at the edge of its grid)."""
+    known = [v for v in parts.values() if v is not None]
+    verdict = ("cannot tell" if not known else "holds" if len(known) == len(parts) and all(known)
+               else "does not hold" if not any(known) else "partly")
+    why = "; ".join(f"{k}: {'cannot tell' if v is None else 'yes' if v else 'no'}" for k, v in parts.items())
+    return verdict, why
+
+
 def _r1(lr: dict[str, Any] | None) -> dict[str, Any]:
     rows = [_best(lr, label) for label in (*ADAPTIVE, "sgd")]
     if lr is None or any(r is None for r in rows):
@@ -92,6 +107,44 @@ def _r1(lr: dict[str, Any] | None) -> dict[str, Any]:
                                          "worst of them")
     else:
         out.update(verdict="does not hold", why=f"adaptive spread {spread:.3f} nats, SGD gap {gap:.3f}")
+    return out
+
+
+#: "a wide range of beta1": within the tolerance of the best over at least this interval
+MOMENTUM_WIDE = (0.5, 0.9)
+
+
+def _axis_losses(study: dict[str, Any], label: str, axis: str) -> dict[float, float]:
+    """Axis value -> seed-mean final validation loss of a label's finished points."""
+    by: dict[float, list[float]] = {}
+    for r in study["rows"]:
+        if r["label"] == label and r.get("status") == "done" and r.get(axis) is not None:
+            by.setdefault(float(r[axis]), []).append(float(r["final_val_loss"]))
+    return {k: statistics.mean(v) for k, v in sorted(by.items())}
+
+
+def _r1m(mom: dict[str, Any] | None) -> dict[str, Any]:
+    """Momentum: every adaptive optimizer keeps its loss over a wide range of beta1; SGD needs a high one."""
+    labels = ("adamw", "adafactor", "lion", "signum", "sgd")
+    if mom is None or any(label not in mom["summaries"] for label in labels):
+        return {"verdict": "cannot tell", "why": "the momentum sweep has not run every optimizer"}
+    losses = {label: _axis_losses(mom, label, "momentum") for label in labels}
+    ranges = {label: mom["summaries"][label]["range"] for label in labels}
+    lo, hi = MOMENTUM_WIDE
+    wide = {label: ranges[label] is not None and ranges[label][0] <= lo and ranges[label][1] >= hi
+            for label in labels[:-1]}
+    sgd = losses["sgd"]
+    best_b1 = min(sgd, key=sgd.get)
+    sgd_low = min(sgd)
+    parts = {f"every adaptive optimizer within {TOL} nats of its best over beta1 {lo}-{hi}": all(wide.values()),
+             f"SGD needs a high momentum (beta1 {sgd_low:g} over {TOL} nats worse than its best)":
+                 sgd[sgd_low] - sgd[best_b1] > TOL and best_b1 >= 0.9}
+    out = {"losses": losses, "ranges": ranges, "wide": wide, "parts": parts}
+    out["verdict"], out["why"] = _verdict(parts)
+    narrow = [label for label, ok in wide.items() if not ok]
+    out["why"] += (f" (beta1 range within {TOL}: "
+                   + ", ".join(f"{k} [{v[0]:g}, {v[1]:g}]" for k, v in ranges.items() if v) + ")"
+                   + (f"; narrow: {', '.join(narrow)}" if narrow else ""))
     return out
 
 
@@ -133,8 +186,7 @@ def _r3(ada: dict[str, Any] | None, lr: dict[str, Any] | None) -> dict[str, Any]
              "readout + norm closes the gap": gaps["sgd+adalayer(readout+norm)"] <= TOL,
              "readout alone does not": gaps["sgd+adalayer(readout)"] > TOL}
     out["parts"] = parts
-    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
-    out["why"] = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in parts.items())
+    out["verdict"], out["why"] = _verdict(parts)
     return out
 
 
@@ -155,8 +207,7 @@ def _r4(soap: dict[str, Any] | None) -> dict[str, Any]:
              "fewer steps than Shampoo": steps is not None and (sham_r.get("step_ratio") is None
                                                                  or steps < sham_r["step_ratio"])}
     out["parts"] = parts
-    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
-    out["why"] = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in parts.items())
+    out["verdict"], out["why"] = _verdict(parts)
     return out
 
 
@@ -191,7 +242,7 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _r6(lr: dict[str, Any] | None) -> dict[str, Any]:
+def _r6_lr(lr: dict[str, Any] | None) -> dict[str, Any]:
     """Lion fastest: its optimizer step is the cheapest (the forward and backward pass are the same for all
     three, and two points share the machine, so whole-step times carry the neighbour's noise; both are given)."""
     labels = ("adamw", "lion", "sophia")
@@ -213,33 +264,109 @@ def _r6(lr: dict[str, Any] | None) -> dict[str, Any]:
     parts = {"Lion fastest (optimizer step)": fastest == "lion",
              "Sophia lowest loss": lowest == "sophia" and _bracketed(*rows)}
     out["parts"] = parts
-    out["verdict"] = "holds" if all(parts.values()) else "does not hold" if not any(parts.values()) else "partly"
+    out["verdict"], _ = _verdict(parts)
     out["why"] = (f"optimizer step {', '.join(f'{k} {v:.1f} ms' for k, v in known.items())} of "
                   f"{', '.join(f'{k} {v:.3f} s' for k, v in step_s.items() if v)} a step; lowest loss: {lowest}; "
                   "downstream accuracy cannot be told at 0.3M parameters (chance level)")
     return out
 
 
-def findings(runs: Path) -> dict[str, Any]:
+def _step_times(study: dict[str, Any], optimizer: str) -> tuple[float | None, float | None]:
+    """Median seconds per step and optimizer milliseconds per step over an optimizer's finished points
+    (every label it runs under; points that resumed are left out: their clock restarted)."""
+    pts = [r for r in study["rows"] if r.get("optimizer") == optimizer and r.get("status") == "done"
+           and r.get("train_seconds") and not r.get("resumed_from_step")]
+    step = _median([float(r["train_seconds"]) / float(r["steps"]) for r in pts])
+    opt = _median([1e3 * float(r["optimizer_share"]) * float(r["train_seconds"]) / float(r["steps"])
+                   for r in pts if r.get("optimizer_share") not in (None, "")])
+    return step, opt
+
+
+def _r6(budget: dict[str, Any] | None, lr: dict[str, Any] | None) -> dict[str, Any]:
+    """The budget study: Lion fastest, Sophia lowest loss, AdamW best downstream; GPT-2 better with Sophia and
+    AdamW, LLaMA with Lion; LLaMA at about twice GPT-2's rate. Without it, the learning-rate sweep's three."""
+    if budget is None:
+        return _r6_lr(lr)
+    opts, fams = ("adamw", "lion", "sophia"), ("gpt2", "llama")
+    best = {(o, f): _best(budget, f"{o}-{f}") for o in opts for f in fams}
+    if any(b is None for b in best.values()):
+        return {"verdict": "cannot tell", "why": "the budget study has not run every optimizer and family"}
+    times = {o: _step_times(budget, o) for o in opts}
+    step_s = {o: v[0] for o, v in times.items()}
+    opt_ms = {o: v[1] for o, v in times.items()}
+    known = {k: v for k, v in opt_ms.items() if v is not None}
+    fastest = min(known, key=known.get) if len(known) == len(opts) else None
+    in_grid = {f: _bracketed(*(best[(o, f)] for o in opts)) for f in fams}
+    rank = {f: sorted(opts, key=lambda o: best[(o, f)]["loss"]) for f in fams}
+    ratios = {o: best[(o, "llama")]["at"]["lr"] / best[(o, "gpt2")]["at"]["lr"] for o in opts}
+    accs = {}
+    for (o, f), b in best.items():
+        scores = [v for k, v in budget["summaries"][f"{o}-{f}"]["evals"].items() if k.endswith("/acc")]
+        accs[f"{o}-{f}"] = statistics.mean(scores) if scores else None
+    parts = {"Lion fastest (optimizer step)": fastest == "lion" if fastest else None,
+             "Sophia lowest loss in both families": all(rank[f][0] == "sophia" for f in fams) if all(in_grid.values())
+             else None,
+             "Lion ranks higher on LLaMA than on GPT-2": rank["llama"].index("lion") < rank["gpt2"].index("lion")
+             if all(in_grid.values()) else None,
+             "LLaMA's best rate above GPT-2's (median over the three)": statistics.median(ratios.values()) > 1
+             if all(in_grid.values()) else None}
+    out = {"best": {f"{o}-{f}": b for (o, f), b in best.items()}, "seconds_per_step": step_s,
+           "optimizer_ms_per_step": opt_ms, "rank": rank, "llama_over_gpt2_lr": ratios, "zero_shot_mean_acc": accs,
+           "parts": parts}
+    out["verdict"], why = _verdict(parts)
+    out["why"] = (why + f". Optimizer step {', '.join(f'{k} {v:.1f} ms' for k, v in known.items())} in "
+                  f"{', '.join(f'{k} {v:.3f} s' for k, v in step_s.items() if v)} steps; best loss "
+                  + "; ".join(f"{f}: " + ", ".join(f"{o} {best[(o, f)]['loss']:.3f}" for o in rank[f]) for f in fams)
+                  + ". Downstream: cannot tell (0.3M parameters, chance-level zero-shot on a handful of sample items)")
+    return out
+
+
+def _r5(mup_runs: dict[str, str | Path], root: Path) -> dict[str, Any]:
+    """μP transfer per optimizer: the learning-rate transfer experiment's verdict (the fitted optimum moves
+    at most the experiment's threshold across widths), from its combined JSONs."""
+    per: dict[str, Any] = {}
+    for opt, path in mup_runs.items():
+        f = root / path
+        if not f.exists():
+            per[opt] = None
+            continue
+        data = json.loads(f.read_text())
+        v = data.get("verdict", {}).get(opt)
+        per[opt] = None if v is None else {**v, "seeds": data.get("seeds"), "file": str(path)}
+    parts = {f"{opt}: μP's optimum transfers across width": None if v is None else bool(v["transfers"])
+             for opt, v in per.items()}
+    out = {"per_optimizer": per, "parts": parts}
+    out["verdict"], out["why"] = _verdict(parts)
+    shifts = ", ".join(f"{o} μP {v['mup_shift']:.2f} vs SP {v['sp_shift']:.2f} grid steps over {len(v['seeds'] or [])} "
+                       "seeds" for o, v in per.items() if v)
+    out["why"] += (f" (fitted drift of the optimum, widths 32-256, 150 steps: {shifts}; the transfer experiment's own "
+                   "scale, not the small scale: docs/mup.md)")
+    return out
+
+
+def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Path = Path(".")) -> dict[str, Any]:
     studies = {name: _load(runs, name) for name in RECIPES}
     lr, avs, ada = studies["lr_sweep"], studies["adam_vs_signum"], studies["adalayer_ablations"]
     soap, freq = studies["soap_vs_adamw_shampoo"], studies["soap_precondition_frequency"]
+    mom, budget = studies["momentum_sweep"], studies["adamw_lion_sophia_budget"]
     return {
         "rules": RULES,
         "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
-        "R1": _r1(lr), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap), "R4b": _r4b(freq, soap),
-        "R5": {"verdict": "cannot tell", "why": "not run at the small scale (see docs/mup.md for the tiny-scale "
-                                                 "width and depth transfer)"},
-        "R6": _r6(lr),
+        "R1": _r1(lr), "R1m": _r1m(mom), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap),
+        "R4b": _r4b(freq, soap), "R5": _r5(mup_runs or {}, root), "R6": _r6(budget, lr),
     }, studies
 
 
-TITLES = {"R1": "all but SGD comparable in best loss and LR stability", "R2": "Signum ≈ Adam, closest at β1 = β2",
+TITLES = {"R1": "all but SGD comparable in best loss and LR stability",
+          "R1m": "after the learning rate, β1: all but SGD keep their loss over a wide β1 range, SGD needs a high one",
+          "R2": "Signum ≈ Adam, closest at β1 = β2",
           "R3": "Adalayer: last layer + LayerNorm needed, last layer alone not enough; frozen Adalayer trains",
           "R4": "SOAP fewer steps than AdamW and Shampoo, and less wall-clock",
           "R4b": "SOAP degrades less than Shampoo at infrequent preconditioning",
-          "R5": "μP transfer for AdamW, Lion, Sophia", "R6": "Lion fastest, Sophia lowest loss, AdamW best downstream"}
+          "R5": "μP transfer for AdamW, Lion, Sophia",
+          "R6": "Lion fastest, Sophia lowest loss, AdamW best downstream; GPT-2 better with Sophia and AdamW, LLaMA "
+                "with Lion; LLaMA at ~2x GPT-2's rate"}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -255,10 +382,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="optlab_runs", help="folder holding <recipe>-small sweep folders")
     p.add_argument("--out", default="docs/img/studies_small", help="where the tables, figures and findings go")
+    p.add_argument("--mup", nargs="*", metavar="OPT=JSON", default=None,
+                   help="R5's μP transfer JSONs per optimizer (default: " +
+                        ", ".join(f"{k}={v}" for k, v in MUP_RUNS.items()) + ")")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result, studies = findings(Path(args.runs))
+    bad = [item for item in args.mup or [] if "=" not in item]
+    if bad:
+        p.error(f"--mup takes OPT=JSON pairs (e.g. sophia=docs/img/mup_lr_transfer_sophia.json), got {bad}")
+    mup = MUP_RUNS if args.mup is None else dict(item.split("=", 1) for item in args.mup)
+    result, studies = findings(Path(args.runs), mup)
     for name, study in studies.items():
         if study is None:
             continue

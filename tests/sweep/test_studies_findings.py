@@ -24,7 +24,7 @@ def _sweep(runs: Path, recipe: str, points: list[tuple], axis: str = "lr", toler
     rows = []
     for label, value, seed, loss, *sps in points:
         rows.append({"point": f"{label}__{axis.split('.')[-1]}={value}__seed={seed}", "label": label,
-                     "optimizer": label.split("_")[0], "seed": seed, axis: value, "status": "done",
+                     "optimizer": label.split("_")[0].split("-")[0], "seed": seed, axis: value, "status": "done",
                      "final_train_loss": loss, "final_val_loss": loss, "steps": 100, "tokens": 100,
                      "train_seconds": 100 * sps[0] if sps else 10.0, "optimizer_share": 0.1})
     folder = runs / f"{recipe}-small"
@@ -117,3 +117,64 @@ def test_r4_reads_the_race_to_adamws_final_loss(sf):
     assert r4["verdict"] == "partly" and r4["parts"] == {
         "SOAP reaches AdamW's final loss in fewer steps": True, "and in less wall-clock": False,
         "SOAP ends below Shampoo": True, "fewer steps than Shampoo": True}
+
+
+def test_r1m_momentum_wide_for_adaptive_and_high_for_sgd(tmp_path, sf):
+    b1 = [0.0, 0.5, 0.9, 0.98]
+    pts = [(label, m, 0, loss) for label, losses in (("adamw", [3.3, 3.05, 3.0, 3.02]), ("adafactor", [3.2, 3.08, 3.0, 3.1]),
+                                                     ("lion", [3.15, 3.1, 3.05, 3.1]), ("signum", [3.4, 3.09, 3.05, 3.0]))
+           for m, loss in zip(b1, losses)]
+    sgd = [("sgd", m, 0, loss) for m, loss in zip([0.8, 0.9, 0.95, 0.98], [3.9, 3.7, 3.55, 3.5])]
+    _sweep(tmp_path / "a", "momentum_sweep", pts + sgd, axis="momentum")
+    r = sf.findings(tmp_path / "a")[0]["R1m"]
+    assert r["verdict"] == "holds" and r["ranges"]["adamw"] == (0.5, 0.98) and r["wide"]["signum"]
+    assert r["losses"]["sgd"][0.8] == 3.9
+    # Signum 0.15 worse at 0.5 than at its best: not wide; SGD fine at 0.8: no need for high momentum
+    pts = [p if not (p[0] == "signum" and p[1] == 0.5) else ("signum", 0.5, 0, 3.15) for p in pts]
+    sgd = [("sgd", m, 0, loss) for m, loss in zip([0.8, 0.9, 0.95, 0.98], [3.55, 3.5, 3.52, 3.6])]
+    _sweep(tmp_path / "b", "momentum_sweep", pts + sgd, axis="momentum")
+    r = sf.findings(tmp_path / "b")[0]["R1m"]
+    assert r["verdict"] == "does not hold" and not r["wide"]["signum"] and "narrow: signum" in r["why"]
+
+
+def _budget(runs, gpt2, llama, sps=None):
+    """gpt2 / llama: {optimizer: losses on its grid}; grids AdamW 3.16e-3.., Lion and Sophia 5.62e-4.."""
+    grids = {"adamw": [3.16e-3, 5.62e-3, 1e-2], "lion": [5.62e-4, 1e-3, 1.78e-3], "sophia": [5.62e-4, 1e-3, 1.78e-3]}
+    sps = sps or {"adamw": 0.2, "lion": 0.18, "sophia": 0.22}
+    pts = [p for fam, table in (("gpt2", gpt2), ("llama", llama)) for o, losses in table.items()
+           for p in _v(f"{o}-{fam}", grids[o], losses, sps[o])]
+    _sweep(runs, "adamw_lion_sophia_budget", pts)
+
+
+def test_r6_from_the_budget_study(tmp_path, sf):
+    _budget(tmp_path / "a", gpt2={"adamw": [3.1, 3.0, 3.2], "lion": [3.2, 3.1, 3.3], "sophia": [3.0, 2.9, 3.1]},
+            llama={"adamw": [3.2, 3.1, 3.05], "lion": [3.0, 2.95, 3.0], "sophia": [3.0, 2.9, 3.0]})
+    r6 = sf.findings(tmp_path / "a")[0]["R6"]
+    # adamw-llama is best at its top rate: the loss comparisons cannot be told; Lion's step is the cheapest
+    assert r6["verdict"] == "partly" and r6["parts"]["Lion fastest (optimizer step)"] is True
+    assert r6["parts"]["Sophia lowest loss in both families"] is None
+    assert r6["optimizer_ms_per_step"] == pytest.approx({"adamw": 20.0, "lion": 18.0, "sophia": 22.0})
+    _budget(tmp_path / "b", gpt2={"adamw": [3.1, 3.0, 3.2], "lion": [3.2, 3.1, 3.3], "sophia": [3.0, 2.9, 3.1]},
+            llama={"adamw": [3.2, 3.1, 3.15], "lion": [3.0, 2.95, 2.98], "sophia": [3.0, 2.9, 3.0]})
+    r6 = sf.findings(tmp_path / "b")[0]["R6"]
+    assert r6["verdict"] == "partly" and r6["rank"] == {"gpt2": ["sophia", "adamw", "lion"],
+                                                         "llama": ["sophia", "lion", "adamw"]}
+    assert r6["parts"] == {"Lion fastest (optimizer step)": True, "Sophia lowest loss in both families": True,
+                           "Lion ranks higher on LLaMA than on GPT-2": True,
+                           "LLaMA's best rate above GPT-2's (median over the three)": False}
+    assert r6["llama_over_gpt2_lr"] == pytest.approx({"adamw": 1.0, "lion": 1.0, "sophia": 1.0})
+    assert "Downstream: cannot tell" in r6["why"]
+
+
+def test_r5_reads_the_transfer_verdicts_and_cannot_tell_without_a_run(tmp_path, sf):
+    def combined(verdicts):
+        return json.dumps({"seeds": [0, 1], "verdict": {o: {"transfers": ok, "mup_shift": m, "sp_shift": s}
+                                                        for o, (ok, m, s) in verdicts.items()}})
+    (tmp_path / "a.json").write_text(combined({"adamw": (True, 0.3, 3.6), "lion": (True, 0.2, 2.8)}))
+    (tmp_path / "s.json").write_text(combined({"sophia": (False, 1.4, 2.0)}))
+    r5 = sf._r5({"adamw": "a.json", "lion": "a.json", "sophia": "s.json"}, tmp_path)
+    assert r5["verdict"] == "partly" and r5["parts"]["sophia: μP's optimum transfers across width"] is False
+    assert "adamw μP 0.30 vs SP 3.60 grid steps over 2 seeds" in r5["why"]
+    r5 = sf._r5({"adamw": "a.json", "sophia": "missing.json"}, tmp_path)
+    assert r5["verdict"] == "partly" and r5["per_optimizer"]["sophia"] is None  # adamw yes, sophia cannot tell
+    assert sf._r5({"sophia": "missing.json"}, tmp_path)["verdict"] == "cannot tell"
