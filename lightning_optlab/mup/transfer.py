@@ -37,6 +37,12 @@ NOT_TRANSFERRED = (
 )
 
 
+#: model fields that are hyperparameters tuned on the proxy rather than architecture (TP5 tunes the
+#: initialization scale and the output multiplier beside the learning rate): the target takes the
+#: proxy's value unless the target names its own; μP then rescales them per width itself
+TUNED_MODEL_FIELDS = ("init_std", "logit_scale", "z_loss", "dropout")
+
+
 #: printed instead of the depth rule's line when the transfer applies none
 DEPTH_NOT_TRANSFERRED = (
     "depth: without a depth rule μP transfers across width only; a target deeper than the proxy is outside its "
@@ -118,6 +124,12 @@ def transfer(
     target_cfg = resolve_config(target)
     if "vocab_size" not in overrides and target_cfg.vocab_size != proxy_cfg.vocab_size:
         overrides["vocab_size"] = proxy_cfg.vocab_size  # the tokenizer is part of the tuned setting
+    named = set(target) if isinstance(target, Mapping) else set()
+    carried = []
+    for field in TUNED_MODEL_FIELDS:  # tuned on the proxy: carried, unless the target sets it itself
+        if field not in overrides and field not in named and getattr(target_cfg, field) != getattr(proxy_cfg, field):
+            carried.append(f"{field} {getattr(proxy_cfg, field)!r} (the target preset has {getattr(target_cfg, field)!r})")
+            overrides[field] = getattr(proxy_cfg, field)
     target_cfg = resolve_config(target, **overrides)
     base = base_config(target_cfg, proxy_cfg)  # checks the architectures and the widths
     opt_fields = _optimizer_fields(proxy_opt)
@@ -141,6 +153,8 @@ def transfer(
             for p in g["params"]:
                 width_mults[g["role"]].add(round(float(p.infshape.width_mult()), 6))
     notes = list(NOT_TRANSFERRED)
+    if carried:
+        notes.insert(0, "taken from the proxy, where they were tuned: " + ", ".join(carried))
     if rule == "none":
         notes.insert(0, DEPTH_NOT_TRANSFERRED)
         if target_cfg.n_layer > proxy_cfg.n_layer:
@@ -168,6 +182,7 @@ def transfer(
     (new_opt.setdefault("init_args", {}) if _is_class_spec(new_opt) else new_opt)["mup"] = True
     recipe = copy.deepcopy(dict(proxy_recipe))
     recipe.pop("scales", None)
+    recipe.pop("sweep", None)  # the proxy's tuning grid, not the target's
     if path == ["model", "init_args"]:
         holder = recipe["model"]["init_args"]
         holder["optimizer"] = new_opt

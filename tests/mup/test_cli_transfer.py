@@ -90,3 +90,40 @@ def test_lr_find_command(capsys):
     text = capsys.readouterr().out
     assert "suggested base lr" in text and "lr ratios kept: 0.5" in text
     assert build_model("llama-tiny").config.n_embd == 64  # the preset is not changed by the command
+
+
+def test_transfer_carries_the_proxys_tuned_init_and_output_multiplier():
+    """docs/mup.md: tune init_std (and the output multiplier) on the proxy beside the learning rate; the target
+    takes them from the proxy (a preset's own 0.02 would fail the architecture check), unless it names its own."""
+    tuned = {"preset": "llama-tiny", "n_embd": 32, "init_std": 0.05, "logit_scale": 2.0}
+    proxy = {**PROXY, "model": {"model": tuned, "mup": {"base": tuned}}}
+    result = transfer(proxy, {"preset": "llama-tiny", "n_embd": 128, "n_head": 16})
+    assert result["recipe"]["model"]["model"]["init_std"] == 0.05 and result["target"].init_std == 0.05
+    assert result["target"].logit_scale == 2.0 and result["recipe"]["model"]["mup"]["base"]["init_std"] == 0.05
+    assert any("taken from the proxy" in n and "init_std 0.05 (the target preset has 0.02)" in n for n in result["notes"])
+    model = build_mup_model(result["recipe"]["model"]["model"], base=result["recipe"]["model"]["mup"]["base"])
+    assert model.config.logit_scale == pytest.approx(2.0 * 32 / 128)  # the base's multiplier times μP's 1/m
+    assert not any("taken from the proxy" in n for n in transfer(PROXY, "llama-tiny")["notes"])
+    with pytest.raises(ValueError, match="init_std: proxy 0.05 vs target 0.02"):  # the target names its own
+        transfer(proxy, {"preset": "llama-tiny", "n_embd": 128, "init_std": 0.02})
+
+
+def test_the_proxy_recipes_grid_tunes_lr_and_init_std_and_the_transfer_carries_it():
+    from pathlib import Path
+
+    from lightning_optlab.sweep import SweepSpec, expand_points, point_config, resolve_recipe
+
+    recipe = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "mup-proxy-llama-50m.yaml").read_text())
+    config, sweep = resolve_recipe(recipe)
+    spec = SweepSpec.from_dict(sweep)
+    points = expand_points(spec)
+    assert len(points) == 12 and {dict(p.values)["model.model.init_std"] for p in points} == {0.01, 0.02, 0.05, 0.1}
+    point = next(p for p in points if dict(p.values) == {"lr": 3.16e-4, "model.model.init_std": 0.05})
+    cfg = point_config(config, spec, point)
+    assert cfg["optimizer"]["lr"] == 3.16e-4 and cfg["model"]["mup"]["base"] == 512
+    with torch.device("meta"):  # the base width follows the point's init_std: the proxy is its own base
+        model = build_mup_model(cfg["model"]["model"], base=cfg["model"]["mup"]["base"])
+    assert model.config.init_std == 0.05 and model.config.logit_scale == 1.0
+    result = transfer(cfg, "llama-2.7b")
+    assert result["target"].init_std == 0.05 and "sweep" not in result["recipe"]
+    assert result["recipe"]["optimizer"]["lr"] == 3.16e-4 and result["recipe"]["model"]["mup"]["base"]["init_std"] == 0.05
