@@ -194,7 +194,7 @@ def format_race(races: Mapping[str, Mapping[str, Any]], reference: str, *, held_
     what = ("validation loss (interpolated between validations)" if held_out
             else "training loss (moving average of 10 steps)")
     lines = [f"Steps and training wall-clock to reach {reference}'s final {what}, {target:.4f}, "
-             "each run at its best point:", "",
+             f"each run at its best point (ratios to {reference}'s own first crossing of it):", "",
              "| run | steps | vs " + reference + " | seconds | vs " + reference + " |", "|---|---:|---:|---:|---:|"]
     for label, r in races.items():
         if r["step"] is None:
@@ -302,24 +302,29 @@ def race(curves: Mapping[str, list[tuple[int, float, float]]], reference: str, *
     ``curves`` are ``(step, seconds, loss)``: the smoothed training loss at every step, or the
     validation loss at each validation (then ``interpolate``: the crossing is placed linearly
     between the two validations around it, in steps and in seconds).
-    Returns ``{label: {"target", "step", "seconds", "step_ratio", "seconds_ratio"}}`` (ratios to the
-    reference's own step and seconds at its end; None where a label never reaches the target).
+    Returns ``{label: {"target", "step", "seconds", "step_ratio", "seconds_ratio"}}``: the ratios are
+    to the reference's own first crossing of its final value (its end, unless its loss was lower
+    before and rose again); None where a label never reaches the target.
     """
     if reference not in curves:
         return {}
-    ref = curves[reference]
-    target, ref_step, ref_secs = ref[-1][2], ref[-1][0], ref[-1][1]
+    target = curves[reference][-1][2]
+
+    def first_hit(curve: list[tuple[int, float, float]]) -> tuple[float, float] | None:
+        i = next((k for k, (_, _, loss) in enumerate(curve) if loss <= target), None)
+        if i is None:
+            return None
+        step, secs, loss = curve[i]
+        if interpolate and i > 0 and curve[i - 1][2] > target:
+            s0, t0, l0 = curve[i - 1]
+            f = (l0 - target) / (l0 - loss)
+            step, secs = s0 + f * (step - s0), t0 + f * (secs - t0)
+        return step, secs
+
+    ref_step, ref_secs = first_hit(curves[reference])  # reached at the latest at its own end
     out = {}
     for label, curve in curves.items():
-        i = next((k for k, (_, _, loss) in enumerate(curve) if loss <= target), None)
-        hit = None
-        if i is not None:
-            step, secs, loss = curve[i]
-            if interpolate and i > 0 and curve[i - 1][2] > target:
-                s0, t0, l0 = curve[i - 1]
-                f = (l0 - target) / (l0 - loss)
-                step, secs = s0 + f * (step - s0), t0 + f * (secs - t0)
-            hit = (step, secs)
+        hit = first_hit(curve)
         out[label] = {"target": target, "step": hit[0] if hit else None, "seconds": hit[1] if hit else None,
                       "step_ratio": hit[0] / ref_step if hit and ref_step else None,
                       "seconds_ratio": hit[1] / ref_secs if hit and ref_secs else None}

@@ -137,6 +137,11 @@ def test_race_on_validations_places_the_crossing_between_them():
     assert r["soap"]["step_ratio"] == pytest.approx(175 / 300) and r["soap"]["seconds_ratio"] == pytest.approx(35 / 30)
     assert r["adamw"]["step"] == 300  # its own end: reached exactly there
     assert race(curves, "adamw")["soap"]["step"] == 200  # without interpolation: the first validation below
+    # a reference whose held-out loss was lower before its end (it rose again): ratios to its own first crossing
+    curves["adamw"] = [(100, 10.0, 4.0), (200, 20.0, 3.0), (300, 30.0, 3.2)]
+    r = race(curves, "adamw", interpolate=True)
+    assert r["adamw"]["step"] == pytest.approx(180) and r["adamw"]["step_ratio"] == pytest.approx(1.0)
+    assert r["soap"]["step_ratio"] == pytest.approx(175 / 180) and r["soap"]["seconds_ratio"] == pytest.approx(35 / 18)
 
 
 def test_the_report_races_on_the_held_out_curve_when_every_run_was_validated(tmp_path):
