@@ -249,14 +249,9 @@ def _r6_lr(lr: dict[str, Any] | None) -> dict[str, Any]:
     rows = [_best(lr, label) for label in labels]
     if lr is None or any(r is None for r in rows):
         return {"verdict": "cannot tell", "why": "lr_sweep has not run AdamW, Lion and Sophia", "rows": rows}
-    step_s: dict[str, float] = {}
-    opt_ms: dict[str, float] = {}
-    for label in labels:  # per step, median over the run's points (one thread each, not resumed)
-        pts = [r for r in lr["rows"] if r["label"] == label and r.get("status") == "done" and r.get("train_seconds")
-               and not r.get("resumed_from_step")]
-        step_s[label] = _median([float(r["train_seconds"]) / float(r["steps"]) for r in pts])
-        opt_ms[label] = _median([1e3 * float(r["optimizer_share"]) * float(r["train_seconds"]) / float(r["steps"])
-                                 for r in pts if r.get("optimizer_share") not in (None, "")])
+    times = {label: _step_times(lr, "label", label) for label in labels}  # per step, median over the run's points
+    step_s = {label: v[0] for label, v in times.items()}
+    opt_ms = {label: v[1] for label, v in times.items()}
     out = {"rows": rows, "seconds_per_step": step_s, "optimizer_ms_per_step": opt_ms}
     known = {k: v for k, v in opt_ms.items() if v is not None}
     fastest = min(known, key=known.get) if len(known) == 3 else None
@@ -271,10 +266,11 @@ def _r6_lr(lr: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _step_times(study: dict[str, Any], optimizer: str) -> tuple[float | None, float | None]:
-    """Median seconds per step and optimizer milliseconds per step over an optimizer's finished points
-    (every label it runs under; points that resumed are left out: their clock restarted)."""
-    pts = [r for r in study["rows"] if r.get("optimizer") == optimizer and r.get("status") == "done"
+def _step_times(study: dict[str, Any], field: str, value: str) -> tuple[float | None, float | None]:
+    """Median seconds per step and optimizer milliseconds per step over the finished points whose ``field``
+    (``label``, or ``optimizer``: every label it runs under) is ``value``; points that resumed are left out
+    (their clock restarted)."""
+    pts = [r for r in study["rows"] if r.get(field) == value and r.get("status") == "done"
            and r.get("train_seconds") and not r.get("resumed_from_step")]
     step = _median([float(r["train_seconds"]) / float(r["steps"]) for r in pts])
     opt = _median([1e3 * float(r["optimizer_share"]) * float(r["train_seconds"]) / float(r["steps"])
@@ -291,7 +287,7 @@ def _r6(budget: dict[str, Any] | None, lr: dict[str, Any] | None) -> dict[str, A
     best = {(o, f): _best(budget, f"{o}-{f}") for o in opts for f in fams}
     if any(b is None for b in best.values()):
         return {"verdict": "cannot tell", "why": "the budget study has not run every optimizer and family"}
-    times = {o: _step_times(budget, o) for o in opts}
+    times = {o: _step_times(budget, "optimizer", o) for o in opts}
     step_s = {o: v[0] for o, v in times.items()}
     opt_ms = {o: v[1] for o, v in times.items()}
     known = {k: v for k, v in opt_ms.items() if v is not None}
