@@ -106,6 +106,21 @@ def test_the_shipped_recipe_loads():
     assert lt.load_config(RECIPE, steps=7, seeds=[9]).steps == 7
 
 
+def test_the_head_size_recipe_is_the_shipped_experiment_with_only_the_head_size_kept():
+    # docs/mup.md's "after" table: any other difference would confound the fix with something else
+    import dataclasses
+
+    base = lt.load_config(RECIPE)
+    head8 = lt.load_config(RECIPE.with_name("mup-lr-transfer-head8.yaml"))
+    assert head8.head_dim == 8 and base.head_dim is None
+    assert all(w % 8 == 0 for w in head8.widths)
+    assert set(head8.optimizers) == {"adamw", "lion"}
+    assert {k: head8.optimizers[k] for k in head8.optimizers} == {k: base.optimizers[k] for k in head8.optimizers}
+    same = {f.name for f in dataclasses.fields(base)} - {"head_dim", "optimizers", "seeds"}
+    assert {k: getattr(head8, k) for k in same} == {k: getattr(base, k) for k in same}
+    assert lt.model_overrides(head8) == {**lt.model_overrides(base), "head_dim": 8}
+
+
 def test_cli_runs_only_the_optimizers_asked_for(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
