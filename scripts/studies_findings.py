@@ -61,6 +61,12 @@ def _spread(study: dict[str, Any]) -> float | None:
     return max(stds) if stds else None
 
 
+def _seeded(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run whose best point has more than one seed: its mean, seed std and seed count."""
+    return [{"label": label, "loss": s["best_loss"], "at": s["best"], "seed_std": s["seed_std"], "seeds": s["seeds"]}
+            for label, s in study["summaries"].items() if s.get("seed_std") is not None]
+
+
 def _best(study: dict[str, Any] | None, label: str) -> dict[str, Any] | None:
     if study is None or label not in study["summaries"]:
         return None
@@ -349,6 +355,7 @@ def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Pa
         "rules": RULES,
         "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
+        "seeded_points": {k: _seeded(v) for k, v in studies.items() if v and _seeded(v)},
         "R1": _r1(lr), "R1m": _r1m(mom), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap),
         "R4b": _r4b(freq, soap), "R5": _r5(mup_runs or {}, root), "R6": _r6(budget, lr),
     }, studies
@@ -365,12 +372,30 @@ TITLES = {"R1": "all but SGD comparable in best loss and LR stability",
                 "with Lion; LLaMA at ~2x GPT-2's rate"}
 
 
+def _at(values: Any) -> str:
+    if isinstance(values, dict):
+        return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in values.items())
+    return str(values)
+
+
+def _seed_count(seeds: Any) -> int:
+    return seeds if isinstance(seeds, int) else len(seeds or [])
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["| finding | verdict | evidence |", "|---|---|---|"]
     for key, title in TITLES.items():
         f = result[key]
         lines.append(f"| {key}: {title} | **{f['verdict']}** | {f.get('why', '')} |")
     lines += ["", f"Rules: {result['rules']}."]
+    seeded = result.get("seeded_points") or {}
+    if seeded:
+        lines += ["", "Seed spread at the best points that ran several seeds (mean ± std over the seeds; every "
+                  "other point ran one seed):"]
+        for recipe, entries in seeded.items():
+            parts = ", ".join(f"{e['label']} {e['loss']:.3f} ± {e['seed_std']:.3f} ({_seed_count(e['seeds'])} seeds at "
+                              f"{_at(e['at'])})" for e in entries)
+            lines.append(f"- {recipe}: {parts}")
     return "\n".join(lines)
 
 

@@ -178,3 +178,16 @@ def test_r5_reads_the_transfer_verdicts_and_cannot_tell_without_a_run(tmp_path, 
     r5 = sf._r5({"adamw": "a.json", "sophia": "missing.json"}, tmp_path)
     assert r5["verdict"] == "partly" and r5["per_optimizer"]["sophia"] is None  # adamw yes, sophia cannot tell
     assert sf._r5({"sophia": "missing.json"}, tmp_path)["verdict"] == "cannot tell"
+
+
+def test_the_table_states_the_seed_spread_of_the_points_that_ran_several_seeds(tmp_path, sf):
+    points = _v("adamw", LRS, [3.1, 3.0, 3.2]) + [("adamw", 1.78e-3, 1, 3.02, 0.1), ("adamw", 1.78e-3, 2, 2.98, 0.1)]
+    points += _v("lion", LRS, [3.3, 3.1, 3.2])
+    _sweep(tmp_path, "lr_sweep", points)
+    result, _ = sf.findings(tmp_path)
+    (entry,) = result["seeded_points"]["lr_sweep"]
+    assert entry["label"] == "adamw" and entry["loss"] == pytest.approx(3.0)
+    assert entry["seed_std"] == pytest.approx(0.02, rel=0.3)  # sample or population std of 3.0, 3.02, 2.98
+    md = sf.to_markdown(result)
+    assert "- lr_sweep: adamw 3.000 ± 0.0" in md and "(3 seeds at lr 0.00178)" in md
+    assert "lion" not in md.split("Seed spread")[1]  # one seed: no spread claimed
