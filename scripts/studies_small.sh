@@ -4,7 +4,7 @@
 # transfer for Sophia (R5; AdamW's and Lion's are docs/mup.md's 7-seed run). A rerun skips finished
 # points and resumes broken ones, so an interrupted campaign continues where it stopped.
 #
-#   bash scripts/studies_small.sh            # ~4 hours on an idle 2-core machine
+#   bash scripts/studies_small.sh            # ~5.5 hours on an idle 2-core machine (~10 CPU-hours)
 #   bash scripts/studies_small.sh --report   # only rebuild the reports and docs/img/studies_small/
 set -euo pipefail
 cd "$(dirname "$0")/.."
