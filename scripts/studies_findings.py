@@ -57,7 +57,7 @@ def _load(runs: Path, recipe: str) -> dict[str, Any] | None:
 
 def _spread(study: dict[str, Any]) -> float | None:
     """The largest seed standard deviation at any run's best point of the recipe (None: one seed only)."""
-    stds = [s["seed_std"] for s in study["summaries"].values() if s.get("seed_std") is not None]
+    stds = [e["seed_std"] for e in _seeded(study)]
     return max(stds) if stds else None
 
 
@@ -355,7 +355,7 @@ def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Pa
         "rules": RULES,
         "progress": {k: (v["done"], v["total"]) if v else None for k, v in studies.items()},
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
-        "seeded_points": {k: _seeded(v) for k, v in studies.items() if v and _seeded(v)},
+        "seeded_points": {k: seeded for k, v in studies.items() if v and (seeded := _seeded(v))},
         "R1": _r1(lr), "R1m": _r1m(mom), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap),
         "R4b": _r4b(freq, soap), "R5": _r5(mup_runs or {}, root), "R6": _r6(budget, lr),
     }, studies
@@ -378,10 +378,6 @@ def _at(values: Any) -> str:
     return str(values)
 
 
-def _seed_count(seeds: Any) -> int:
-    return seeds if isinstance(seeds, int) else len(seeds or [])
-
-
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["| finding | verdict | evidence |", "|---|---|---|"]
     for key, title in TITLES.items():
@@ -393,7 +389,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Seed spread at the best points that ran several seeds (mean ± std over the seeds; every "
                   "other point ran one seed):"]
         for recipe, entries in seeded.items():
-            parts = ", ".join(f"{e['label']} {e['loss']:.3f} ± {e['seed_std']:.3f} ({_seed_count(e['seeds'])} seeds at "
+            parts = ", ".join(f"{e['label']} {e['loss']:.3f} ± {e['seed_std']:.3f} ({e['seeds']} seeds at "
                               f"{_at(e['at'])})" for e in entries)
             lines.append(f"- {recipe}: {parts}")
     return "\n".join(lines)
