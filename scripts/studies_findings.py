@@ -372,10 +372,8 @@ TITLES = {"R1": "all but SGD comparable in best loss and LR stability",
                 "with Lion; LLaMA at ~2x GPT-2's rate"}
 
 
-def _at(values: Any) -> str:
-    if isinstance(values, dict):
-        return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in values.items())
-    return str(values)
+def _at(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in values.items())
 
 
 def to_markdown(result: dict[str, Any]) -> str:
