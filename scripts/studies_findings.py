@@ -2,11 +2,11 @@
 
 Reads ``<runs>/<recipe>-small/results.csv`` for the seven study recipes, rebuilds each sweep's
 report (``optlab report``'s tables and figures), reads the μP learning-rate transfer's combined
-JSONs (``--mup``, for R5), and writes into ``--out``:
+JSONs (``--mup``, for R5) and its depth JSON (``--mup-depth``, for R5d), and writes into ``--out``:
 
 * ``<recipe>.csv``: the sweep's results table, as committed evidence;
 * ``<recipe>_loss_vs_lr.png`` (or ``_loss_vs_<axis>.png``) and ``<recipe>_curves.png``: its figures;
-* ``findings.json``: per finding (R1, R1m, R2-R6) the numbers it rests on and its verdict;
+* ``findings.json``: per finding (R1, R1m, R2-R6, R5d: R5 across depth) the numbers it rests on and its verdict;
 * ``findings.md``: the same as a markdown table.
 
 Verdicts follow fixed rules, stated in ``RULES`` and printed in the table, so that a rerun on other
@@ -346,7 +346,45 @@ def _r5(mup_runs: dict[str, str | Path], root: Path) -> dict[str, Any]:
     return out
 
 
-def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Path = Path(".")) -> dict[str, Any]:
+#: R5 across depth: the depth learning-rate transfer's combined JSON (`optlab mup lr-transfer` with a
+#: `depth_transfer:` recipe, docs/mup.md "LR transfer across depth"), and the rules it is judged under
+MUP_DEPTH_RUN = "docs/img/mup_lr_transfer_depth.json"
+DEPTH_RULES = ("none", "completep")  # width-only μP, and the rule the proxy -> target run compares it with
+
+
+def _r5d(path: str | Path | None, root: Path) -> dict[str, Any]:
+    """μP transfer across depth for AdamW, Lion and Sophia: per rule, whether the fitted optimum stays within the
+    experiment's threshold (1 grid step) over depths 2-16; "cannot tell" where a depth's fitted optimum lies
+    outside the grid (a flat or noisy curve, no vertex to read); the proxy -> target gaps in the evidence."""
+    f = root / path if path else None
+    if f is None or not f.exists():
+        return {"verdict": "cannot tell", "why": f"the depth transfer has not run ({path})", "parts": {}}
+    data = json.loads(f.read_text())
+    parts: dict[str, bool | None] = {}
+    ranges, gaps = [], []
+    for opt in ("adamw", "lion", "sophia"):
+        for rule in DEPTH_RULES:
+            key = f"{opt}/{rule}"
+            s, v = data.get("summary", {}).get(key), data.get("verdict", {}).get(key)
+            if s is None or v is None:
+                parts[f"{key} transfers across depth"] = None
+                continue
+            outside = s.get("fitted_outside_grid") or []
+            parts[f"{key} transfers across depth"] = None if outside or v["shift_steps"] is None else bool(v["holds"])
+            ranges.append(f"{key} {'fit outside the grid at L=' + str(outside) if outside else format(v['shift_steps'], '.2f')}")
+            g = data.get("joint_gaps", {}).get(key)
+            if g is not None:
+                gaps.append(f"{key} {g['gap_nats']:.3f}")
+    out = {"parts": parts, "file": str(path), "seeds": data.get("seeds")}
+    out["verdict"], why = _verdict(parts)
+    out["why"] = (why + f" (range of the fitted optimum over depths 2-16 at width 32, grid steps: {', '.join(ranges)}; "
+                  f"proxy 32 x 2 -> target 128 x 8, loss at the proxy's rate minus the target's best, nats: "
+                  f"{', '.join(gaps)}; {len(data.get('seeds') or [])} seeds, 100 steps: docs/mup.md)")
+    return out
+
+
+def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Path = Path("."),
+             mup_depth: str | Path | None = MUP_DEPTH_RUN) -> dict[str, Any]:
     studies = {name: _load(runs, name) for name in RECIPES}
     lr, avs, ada = studies["lr_sweep"], studies["adam_vs_signum"], studies["adalayer_ablations"]
     soap, freq = studies["soap_vs_adamw_shampoo"], studies["soap_precondition_frequency"]
@@ -357,7 +395,8 @@ def findings(runs: Path, mup_runs: dict[str, str | Path] | None = None, root: Pa
         "seed_spread": {k: _spread(v) if v else None for k, v in studies.items()},
         "seeded_points": {k: seeded for k, v in studies.items() if v and (seeded := _seeded(v))},
         "R1": _r1(lr), "R1m": _r1m(mom), "R2": _r2(lr, avs), "R3": _r3(ada, lr), "R4": _r4(soap),
-        "R4b": _r4b(freq, soap), "R5": _r5(mup_runs or {}, root), "R6": _r6(budget, lr),
+        "R4b": _r4b(freq, soap), "R5": _r5(mup_runs or {}, root), "R5d": _r5d(mup_depth, root),
+        "R6": _r6(budget, lr),
     }, studies
 
 
@@ -368,6 +407,7 @@ TITLES = {"R1": "all but SGD comparable in best loss and LR stability",
           "R4": "SOAP fewer steps than AdamW and Shampoo, and less wall-clock",
           "R4b": "SOAP degrades less than Shampoo at infrequent preconditioning",
           "R5": "μP transfer for AdamW, Lion, Sophia",
+          "R5d": "and across depth (width-only μP and CompleteP)",
           "R6": "Lion fastest, Sophia lowest loss, AdamW best downstream; GPT-2 better with Sophia and AdamW, LLaMA "
                 "with Lion; LLaMA at ~2x GPT-2's rate"}
 
@@ -400,6 +440,8 @@ def main() -> None:
     p.add_argument("--mup", nargs="*", metavar="OPT=JSON", default=None,
                    help="R5's μP transfer JSONs per optimizer (default: " +
                         ", ".join(f"{k}={v}" for k, v in MUP_RUNS.items()) + ")")
+    p.add_argument("--mup-depth", default=MUP_DEPTH_RUN, metavar="JSON",
+                   help=f"R5d's depth transfer JSON (default: {MUP_DEPTH_RUN})")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +449,7 @@ def main() -> None:
     if bad:
         p.error(f"--mup takes OPT=JSON pairs (e.g. sophia=docs/img/mup_lr_transfer_sophia.json), got {bad}")
     mup = MUP_RUNS if args.mup is None else dict(item.split("=", 1) for item in args.mup)
-    result, studies = findings(Path(args.runs), mup)
+    result, studies = findings(Path(args.runs), mup, mup_depth=args.mup_depth)
     for name, study in studies.items():
         if study is None:
             continue

@@ -191,3 +191,26 @@ def test_the_table_states_the_seed_spread_of_the_points_that_ran_several_seeds(t
     md = sf.to_markdown(result)
     assert "- lr_sweep: adamw 3.000 ± 0.0" in md and "(3 seeds at lr 0.00178)" in md
     assert "lion" not in md.split("Seed spread")[1]  # one seed: no spread claimed
+
+
+def test_r5d_reads_the_depth_transfer_per_optimizer_and_rule(tmp_path, sf):
+    def entry(fits, outside=()):
+        return {"sizes": [2, 16], "fitted_best_log2_lr": fits, "fitted_outside_grid": list(outside)}
+
+    summary = {"adamw/none": entry({"2": -5.0, "16": -5.5}), "adamw/completep": entry({"2": -5.0, "16": -15.0}, [16]),
+               "lion/none": entry({"2": -7.0, "16": -8.5}), "lion/completep": entry({"2": -7.0, "16": -7.2}),
+               "sophia/none": entry({"2": -6.0, "16": -6.3}), "sophia/completep": entry({"2": -6.0, "16": -6.1})}
+    verdict = {k: {"shift_steps": abs(v["fitted_best_log2_lr"]["16"] - v["fitted_best_log2_lr"]["2"]),
+                   "holds": abs(v["fitted_best_log2_lr"]["16"] - v["fitted_best_log2_lr"]["2"]) <= 1.0}
+               for k, v in summary.items()}
+    gaps = {k: {"gap_nats": 0.1} for k in summary}
+    path = tmp_path / "depth.json"
+    path.write_text(json.dumps({"summary": summary, "verdict": verdict, "joint_gaps": gaps, "seeds": [0, 1]}))
+    r = sf._r5d(path.name, tmp_path)
+    assert r["parts"] == {"adamw/none transfers across depth": True,
+                          "adamw/completep transfers across depth": None,  # the fit left the grid: no vertex to read
+                          "lion/none transfers across depth": False,  # 1.5 grid steps
+                          "lion/completep transfers across depth": True,
+                          "sophia/none transfers across depth": True, "sophia/completep transfers across depth": True}
+    assert r["verdict"] == "partly" and "adamw/completep fit outside the grid" in r["why"]
+    assert sf._r5d("missing.json", tmp_path)["verdict"] == "cannot tell"
