@@ -213,7 +213,15 @@ def _r4(soap: dict[str, Any] | None) -> dict[str, Any]:
              "fewer steps than Shampoo": steps is not None and (sham_r.get("step_ratio") is None
                                                                  or steps < sham_r["step_ratio"])}
     out["parts"] = parts
-    out["verdict"], out["why"] = _verdict(parts)
+    out["verdict"], why = _verdict(parts)
+
+    def ratio(r: dict[str, Any], k: str) -> str:
+        return "never" if r.get(k) is None else f"{r[k]:.2f}x"
+
+    out["why"] = (why + f" (to AdamW's final held-out loss: SOAP {ratio(soap_r, 'step_ratio')} its steps, "
+                  f"{ratio(soap_r, 'seconds_ratio')} its wall-clock; Shampoo {ratio(sham_r, 'step_ratio')}, "
+                  f"{ratio(sham_r, 'seconds_ratio')}; best losses "
+                  + ", ".join(f"{r['label']} {r['loss']:.3f} at {_at(r['at'])}" for r in rows) + ")")
     return out
 
 

@@ -117,6 +117,7 @@ def test_r4_reads_the_race_to_adamws_final_loss(sf):
     assert r4["verdict"] == "partly" and r4["parts"] == {
         "SOAP reaches AdamW's final loss in fewer steps": True, "and in less wall-clock": False,
         "SOAP ends below Shampoo": True, "fewer steps than Shampoo": True}
+    assert "SOAP 0.70x its steps, 1.20x its wall-clock; Shampoo 0.80x, 1.10x" in r4["why"]
 
 
 def test_r1m_momentum_wide_for_adaptive_and_high_for_sgd(tmp_path, sf):
